@@ -1,0 +1,373 @@
+"""Hugging Face checkpoint <-> bundled model: the one place that knows the checkpoint's key layout.
+
+The checkpoint stores routed experts per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), the MTP
+module as layer index num_hidden_layers, and FP8 weights as e4m3 plus `weight_scale_inv`. The model holds fused
+experts and `model.mtp.{k}`. Loading builds the model on the meta device, allocates it once, and streams
+tensors in one at a time, so peak memory is the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import DeepseekV3Config, load_config
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP = re.compile(r"^model\.mtp\.(\d+)\.(.*)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as this model; the message lists every problem found."""
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: DeepseekV3Config) -> torch.dtype:
+    """torch dtype from a dtype, its name, "auto" (the config's torch_dtype) or None (float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float32' or 'auto'")
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key mapping
+
+
+def hf_key_to_internal(key: str, config: DeepseekV3Config) -> tuple[str, int | None, str | None]:
+    """Checkpoint key -> (model parameter name, expert index or None, expert part or None).
+
+    The part says which slice of the fused expert tensor the key fills: "gate" and "up" are the two halves of
+    gate_up_proj's rows, "down" is down_proj.
+    """
+    expert = _EXPERT.match(key)
+    part = index = None
+    if expert:
+        prefix, e, proj, suffix = expert.groups()
+        index, part = int(e), proj.removesuffix("_proj")
+        fused = "gate_up_proj" if part in ("gate", "up") else "down_proj"
+        key = f"{prefix}.{fused}" + ("_scale_inv" if suffix == "weight_scale_inv" else "")
+    layer = _LAYER.match(key)
+    if layer and int(layer.group(1)) >= config.num_hidden_layers:
+        key = f"model.mtp.{int(layer.group(1)) - config.num_hidden_layers}.{layer.group(2)}"
+    return key, index, part
+
+
+def internal_to_hf(name: str, tensor: torch.Tensor, config: DeepseekV3Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """One model tensor -> its checkpoint tensors (fused experts split per expert, MTP renamed to its layer)."""
+    mtp = _MTP.match(name)
+    if mtp:
+        name = f"model.layers.{config.num_hidden_layers + int(mtp.group(1))}.{mtp.group(2)}"
+    if name.endswith(".mlp.experts.gate_up_proj") or name.endswith(".mlp.experts.gate_up_proj_scale_inv"):
+        prefix, scale = name.rsplit(".", 1)[0], name.endswith("_scale_inv")
+        suffix = "weight_scale_inv" if scale else "weight"
+        half = tensor.shape[1] // 2
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}.{e}.gate_proj.{suffix}", tensor[e, :half]
+            yield f"{prefix}.{e}.up_proj.{suffix}", tensor[e, half:]
+    elif name.endswith(".mlp.experts.down_proj") or name.endswith(".mlp.experts.down_proj_scale_inv"):
+        prefix, suffix = name.rsplit(".", 1)[0], "weight_scale_inv" if name.endswith("_scale_inv") else "weight"
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}.{e}.down_proj.{suffix}", tensor[e]
+    else:
+        yield name, tensor
+
+
+def iter_hf_state(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors under checkpoint names, in model order."""
+    state = model.state_dict() if state_dict is None else state_dict
+    for name, tensor in state.items():
+        yield from internal_to_hf(name, tensor, model.config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 checkpoints
+
+
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W = Wq * scale_inv[i // bm, j // bn] in fp32 (edge blocks may be partial)."""
+    rows, cols = weight.shape
+    expand = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * expand
+
+
+def _weight_block(config: DeepseekV3Config) -> tuple[int, int]:
+    quant = getattr(config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    block = quant.get("weight_block_size") or (128, 128)
+    return int(block[0]), int(block[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def list_checkpoint_files(path: Path) -> dict[str, Path]:
+    """Checkpoint key -> the file holding it, from the index or the single safetensors file."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(err).__name__}: {err})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map is empty or not an object")
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index}: {len(missing)} shard file(s) listed but not found: {', '.join(missing)}")
+        return {key: path / file for key, file in weight_map.items()}
+    single = path / SINGLE_NAME
+    if single.is_file():
+        with _open_safetensors(single) as handle:
+            return {key: single for key in handle.keys()}
+    raise CheckpointError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME} found")
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as err:
+        raise CheckpointError(f"{file}: cannot read it as safetensors, the shard is truncated or corrupt ({err})") from None
+
+
+def _summarise(title: str, items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    return f"{len(items)} {title}: {shown}"
+
+
+def load_state_into(
+    model: torch.nn.Module,
+    path: Path,
+    strict: bool = True,
+    progress: bool = True,
+) -> None:
+    """Stream every tensor of the checkpoint at `path` into the already allocated `model`."""
+    config = model.config
+    files = list_checkpoint_files(path)
+    block = _weight_block(config)
+    targets = dict(model.named_parameters())
+    targets.update(model.named_buffers())
+    expected = set(model.state_dict().keys())
+    filled: dict[str, set] = {name: set() for name in expected}
+    experts = config.n_routed_experts
+    unexpected, misshaped, errors = [], [], []
+
+    by_file: dict[Path, list[str]] = {}
+    for key, file in files.items():
+        by_file.setdefault(file, []).append(key)
+    bar = tqdm(total=len(files), desc="loading weights", unit="tensor", disable=not progress)
+    with ExitStack() as stack, torch.no_grad():
+        handles = {file: stack.enter_context(_open_safetensors(file)) for file in by_file}
+        for file, keys in by_file.items():
+            present = set(handles[file].keys())
+            for key in keys:
+                bar.update(1)
+                if key not in present:
+                    errors.append(f"{key} is listed in the index for {file.name} but not stored there")
+                    continue
+                name, expert, part = hf_key_to_internal(key, config)
+                if name not in targets:
+                    if key.endswith("_scale_inv") and key.removesuffix("_scale_inv") in files:
+                        continue  # an FP8 scale, consumed when its weight is dequantized
+                    unexpected.append(key)
+                    continue
+                tensor = handles[file].get_tensor(key)
+                if tensor.dtype == torch.float8_e4m3fn and not targets[name].dtype == torch.float8_e4m3fn:
+                    scale_key = key + "_scale_inv"
+                    if scale_key not in files:
+                        errors.append(f"{key} is FP8 but its scale {scale_key} is missing")
+                        continue
+                    scale = handles[files[scale_key]].get_tensor(scale_key)
+                    want = (math.ceil(tensor.shape[0] / block[0]), math.ceil(tensor.shape[1] / block[1]))
+                    if tuple(scale.shape) != want:
+                        errors.append(f"{scale_key} has shape {tuple(scale.shape)}, expected {want} for {key}")
+                        continue
+                    tensor = dequantize_fp8_block(tensor, scale, block)
+                target = targets[name]
+                if expert is None:
+                    view = target
+                else:
+                    if expert >= experts:
+                        unexpected.append(key)
+                        continue
+                    view = target[expert]
+                    if part in ("gate", "up"):
+                        half = view.shape[0] // 2
+                        view = view[:half] if part == "gate" else view[half:]
+                if tuple(tensor.shape) != tuple(view.shape):
+                    misshaped.append(f"{key} {tuple(tensor.shape)} (model expects {tuple(view.shape)})")
+                    continue
+                view.copy_(tensor.to(view.dtype))
+                filled[name].add((expert, part))
+    bar.close()
+
+    missing = []
+    for name in sorted(expected):
+        slots = filled[name]
+        if name.endswith("experts.gate_up_proj"):
+            need = {(e, p) for e in range(experts) for p in ("gate", "up")}
+        elif name.endswith("experts.down_proj"):
+            need = {(e, "down") for e in range(experts)}
+        else:
+            need = {(None, None)}
+        if not need <= slots:
+            gap = len(need - slots)
+            missing.append(name if need == {(None, None)} else f"{name} ({gap} expert slices)")
+    problems = []
+    if errors:
+        problems.append(_summarise("unreadable tensors", errors))
+    if misshaped:
+        problems.append(_summarise("tensors with the wrong shape", misshaped))
+    if missing:
+        problems.append(_summarise("missing tensors", missing))
+    if unexpected and strict:
+        problems.append(_summarise("unexpected tensors", sorted(unexpected)))
+    if problems:
+        raise CheckpointError(f"{path} does not match the model config:\n  " + "\n  ".join(problems))
+
+
+def load_pretrained(
+    cls,
+    path: str | Path,
+    *args,
+    torch_dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    config: DeepseekV3Config | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+    progress: bool = True,
+    **kwargs,
+):
+    """Build `cls` on the meta device, allocate it once in the target dtype, and stream the checkpoint in."""
+    if args:
+        raise TypeError(f"from_pretrained takes the path and keyword options only, got extra {args!r}")
+    unknown = set(kwargs) - {"low_cpu_mem_usage", "attn_implementation", "use_safetensors", "trust_remote_code"}
+    if unknown:
+        raise TypeError(f"from_pretrained got unknown options: {', '.join(sorted(unknown))}")
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("trust_remote_code is never needed: the model code is bundled")
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder not found")
+    config = config or load_config(path)
+    target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(target_dtype)
+        with torch.device("meta"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    reset_nonpersistent_buffers(model)
+    load_state_into(model, path, strict=strict, progress=progress)
+    model.config.dtype = target_dtype
+    model.config._name_or_path = str(path)
+    model.eval()
+    return model
+
+
+def reset_nonpersistent_buffers(model: torch.nn.Module) -> None:
+    """Recompute buffers that are not in the checkpoint (RoPE frequencies) after a meta-device build."""
+    from .rope import build_inv_freq
+
+    for module in model.modules():
+        if hasattr(module, "inv_freq"):
+            inv_freq, module.attention_scaling = build_inv_freq(model.config)
+            module.inv_freq = inv_freq.to(module.inv_freq.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"cannot parse shard size {size!r}; use e.g. '5GB' or a number of bytes")
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+def save_pretrained(
+    model: torch.nn.Module,
+    save_directory: str | Path,
+    *args,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str = "5GB",
+    is_main_process: bool = True,
+    progress: bool = False,
+    **kwargs,
+) -> None:
+    """Write config.json, generation_config.json and safetensors shards (+ index) in the HF layout."""
+    if not is_main_process:
+        return
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    names: list[tuple[str, torch.Tensor]] = list(iter_hf_state(model, state_dict))
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in names:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tensor))
+        size += nbytes
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(tqdm(shards, desc="saving shards", disable=not progress)):
+        file = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in shard}
+        save_file(tensors, str(out / (file + ".tmp")), metadata={"format": "pt"})
+        os.replace(out / (file + ".tmp"), out / file)
+        for name, tensor in tensors.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config = model.config
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
+    """Copy tokenizer and chat-template files that exist in `source` to `destination`."""
+    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+    copied = []
+    for name in names:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(destination) / name)
+            copied.append(name)
+    return copied

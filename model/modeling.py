@@ -1,0 +1,310 @@
+"""DeepSeek-V3 decoder, multi-token prediction and the causal LM (a transformers PreTrainedModel).
+
+Single-device plain torch: parallelism (expert parallel, ZeRO-3, checkpointing policy) is applied from outside.
+Parameter names equal the Hugging Face checkpoint's wherever the module exists there; model/checkpoint.py maps
+the rest (fused experts, the MTP layer stored as layer index num_hidden_layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .attention import MLAttention, RMSNorm, build_attention_mask
+from .config import DeepseekV3Config
+from .moe import MLP, MoE, RoutedExperts, Router
+from .rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: MLA then a dense MLP (first_k_dense_replace layers) or DeepSeekMoE."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLAttention(config, layer_idx)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm and head (checkpoint: shared_head.norm, shared_head.head)."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class MTPLayer(DecoderLayer):
+    """One multi-token-prediction module: predicts token i+k+1 from h_i^(k-1) and the embedding of token i+k.
+
+    h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) -> one MoE decoder block. Embedding first, as in every
+    implementation (the paper writes the reverse). The module owns its embedding and head copies because the
+    checkpoint stores them under model.layers.{num_hidden_layers}.
+    """
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, prev_hidden, next_ids, cos, sin, mask=None, token_mask=None):
+        x = self.eh_proj(torch.cat((self.enorm(self.embed_tokens(next_ids)), self.hnorm(prev_hidden)), dim=-1))
+        return super().forward(x, cos, sin, mask, token_mask)
+
+
+@dataclass
+class DeepseekV3Output(ModelOutput):
+    """Causal LM output; loss = lm_loss + mtp_loss_weight * mtp_loss + balance_loss (those enabled)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV3Config
+    config: DeepseekV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer", "MTPLayer"]
+    _supports_sdpa = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, Router):
+            module.weight.normal_(0.0, std)
+            module.e_score_correction_bias.zero_()
+        elif isinstance(module, RoutedExperts):
+            module.gate_up_proj.normal_(0.0, std)
+            module.down_proj.normal_(0.0, std)
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] index of the packed sample each token belongs to (a sample starts where positions stop counting up)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(-1)
+
+
+def shifted_targets(labels: torch.Tensor, segments: torch.Tensor | None, shift: int) -> torch.Tensor:
+    """targets[:, i] = labels[:, i + shift], or IGNORE_INDEX past the end or across a packed-sample boundary."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-shift] = labels[:, shift:]
+    if segments is not None:
+        crosses = torch.ones_like(labels, dtype=torch.bool)
+        crosses[:, :-shift] = segments[:, shift:] != segments[:, :-shift]
+        targets = targets.masked_fill(crosses, IGNORE_INDEX)
+    return targets
+
+
+def head_loss(
+    hidden: torch.Tensor,  # [B, S, H]
+    head: nn.Linear,
+    targets: torch.Tensor,  # [B, S]
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy computing logits only at positions that carry a target (the vocabulary dominates the cost)."""
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[keep]).float()  # [N, V]
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(loss.device)
+    return loss / denominator
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    """Embedding, decoder layers, final norm, and the MTP modules (run only by the causal LM's MTP loss)."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        n = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(config, n + k) for k in range(config.num_mtp_modules))
+        self.rotary_emb = RotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, dict]:
+        """Returns the final normed hidden states [B, S, H] and what the heads need (mask, rope, cache, ...)."""
+        cache = kwargs.pop("past_key_values", cache)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, seq = x.shape[:2]
+        if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(seq, device=x.device) + past).unsqueeze(0).expand(bsz, -1)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [batch, seq] of 0/1, got shape {tuple(attention_mask.shape)}")
+        mask = build_attention_mask(attention_mask, position_ids, seq, past)
+        token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, token_mask, cache=cache)
+        state = dict(mask=mask, token_mask=token_mask, cos=cos, sin=sin, position_ids=position_ids, cache=cache)
+        return self.norm(x), state
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    """The DeepSeek-V3 causal LM with MTP and balance losses, loadable from and savable to HF checkpoints."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE block, decoder layers first, then the MTP modules."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def expert_counts(self) -> torch.Tensor:
+        """[num MoE layers that ran, E] tokens routed to each expert in the last forward pass."""
+        counts = [m.expert_counts for m in self.moe_layers() if m.expert_counts is not None]
+        return torch.stack(counts) if counts else torch.empty(0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = True,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> DeepseekV3Output:
+        """labels [B, S] are the input ids with IGNORE_INDEX where no loss is wanted (shifted here, as in HF).
+
+        return_logits=False skips the vocabulary projection except where a loss needs it.
+        """
+        for moe in self.moe_layers():
+            moe.expert_counts = moe.balance_loss = None
+        hidden, state = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=kwargs.pop("past_key_values", cache),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        logits = None
+        if return_logits:
+            kept = hidden if isinstance(logits_to_keep, int) and logits_to_keep == 0 else None
+            if kept is None:
+                kept = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+            logits = self.lm_head(kept)
+
+        loss = lm_loss = mtp_loss = balance_loss = None
+        if labels is not None:
+            # Packed samples: no target (main or MTP) may reach across a sample boundary.
+            segments = segment_ids(state["position_ids"])
+            lm_loss = head_loss(hidden, self.lm_head, shifted_targets(labels, segments, 1), num_items_in_batch)
+            loss = lm_loss
+            if self.config.mtp_loss_enabled and len(self.model.mtp) > 0 and input_ids is not None:
+                mtp_loss = self._mtp_loss(hidden, input_ids, labels, segments, state, num_items_in_batch)
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+            aux = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+            if aux:
+                balance_loss = torch.stack(aux).sum()
+                loss = loss + balance_loss
+        return DeepseekV3Output(
+            loss=loss,
+            logits=logits,
+            cache=state["cache"],
+            lm_loss=lm_loss,
+            mtp_loss=mtp_loss,
+            balance_loss=balance_loss,
+        )
+
+    def _mtp_loss(self, hidden, input_ids, labels, segments, state, num_items_in_batch) -> torch.Tensor:
+        """Mean over MTP depths k of CE(predict token i+k+1 at position i)."""
+        losses = []
+        prev = hidden  # h^0: the main model's output, normed as serving engines pass it to the MTP module
+        for k, layer in enumerate(self.model.mtp, start=1):
+            next_ids = torch.zeros_like(input_ids)
+            next_ids[:, :-k] = input_ids[:, k:]
+            prev = layer(prev, next_ids, state["cos"], state["sin"], state["mask"], state["token_mask"])
+            targets = shifted_targets(labels, segments, k + 1)
+            losses.append(head_loss(layer.shared_head.norm(prev), layer.shared_head.head, targets, num_items_in_batch))
+        return torch.stack(losses).mean()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *args, **kwargs) -> DeepseekV3ForCausalLM:
+        """Load an HF-format checkpoint (sharded or single safetensors, BF16 or FP8); see model.checkpoint."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """Write the HF format: per-expert keys, MTP layer, sharded safetensors with index, config.json."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, *args, **kwargs)
