@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -150,7 +149,14 @@ def _open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except Exception as err:
-        raise CheckpointError(f"{file}: cannot read it as safetensors, the shard is truncated or corrupt ({err})") from None
+        raise CheckpointError(
+            f"{file}: cannot read it as safetensors, the shard is truncated or corrupt ({err})"
+        ) from None
+
+
+def _read_tensor(file: Path, key: str) -> torch.Tensor:
+    with _open_safetensors(file) as handle:
+        return handle.get_tensor(key)
 
 
 def _summarise(title: str, items: list[str], limit: int = 12) -> str:
@@ -179,10 +185,11 @@ def load_state_into(
     for key, file in files.items():
         by_file.setdefault(file, []).append(key)
     bar = tqdm(total=len(files), desc="loading weights", unit="tensor", disable=not progress)
-    with ExitStack() as stack, torch.no_grad():
-        handles = {file: stack.enter_context(_open_safetensors(file)) for file in by_file}
-        for file, keys in by_file.items():
-            present = set(handles[file].keys())
+    # One shard open at a time: a mapped shard's pages count as resident, so keeping every shard open would
+    # approach two copies of the model in memory by the end of the load.
+    for file, keys in by_file.items():
+        with _open_safetensors(file) as handle, torch.no_grad():
+            present = set(handle.keys())
             for key in keys:
                 bar.update(1)
                 if key not in present:
@@ -194,13 +201,17 @@ def load_state_into(
                         continue  # an FP8 scale, consumed when its weight is dequantized
                     unexpected.append(key)
                     continue
-                tensor = handles[file].get_tensor(key)
+                tensor = handle.get_tensor(key)
                 if tensor.dtype == torch.float8_e4m3fn and not targets[name].dtype == torch.float8_e4m3fn:
                     scale_key = key + "_scale_inv"
                     if scale_key not in files:
                         errors.append(f"{key} is FP8 but its scale {scale_key} is missing")
                         continue
-                    scale = handles[files[scale_key]].get_tensor(scale_key)
+                    scale = (
+                        _read_tensor(files[scale_key], scale_key)
+                        if files[scale_key] != file
+                        else handle.get_tensor(scale_key)
+                    )
                     want = (math.ceil(tensor.shape[0] / block[0]), math.ceil(tensor.shape[1] / block[1]))
                     if tuple(scale.shape) != want:
                         errors.append(f"{scale_key} has shape {tuple(scale.shape)}, expected {want} for {key}")
@@ -219,6 +230,7 @@ def load_state_into(
                         view = view[:half] if part == "gate" else view[half:]
                 if tuple(tensor.shape) != tuple(view.shape):
                     misshaped.append(f"{key} {tuple(tensor.shape)} (model expects {tuple(view.shape)})")
+                    filled[name].add((expert, part))  # reported as mis-shaped, not again as missing
                     continue
                 view.copy_(tensor.to(view.dtype))
                 filled[name].add((expert, part))

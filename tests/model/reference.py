@@ -24,7 +24,11 @@ CONFIGS = {
         initializer_range=0.1,
     ),
     "qlora-2groups-dense2-yarn": dict(
-        n_group=2, topk_group=1, num_hidden_layers=4, first_k_dense_replace=2, num_experts_per_tok=3,
+        n_group=2,
+        topk_group=1,
+        num_hidden_layers=4,
+        first_k_dense_replace=2,
+        num_experts_per_tok=3,
         initializer_range=0.1,
     ),
 }
