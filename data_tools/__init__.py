@@ -15,7 +15,21 @@ from data_tools.template import ChatTokenizer, render_chat
 from data_tools.tokenizer import load_tokenizer
 
 __all__ = [
-    "ChatTokenizer", "DataCollator", "DataError", "DataRecipe", "build_bins", "build_datasets", "build_demo_data",
-    "collate_preference", "compute_fill_ratio", "detect_format", "load_recipe", "load_tokenizer", "pack_dataset",
-    "render_chat", "save_datasets", "save_demo_data", "to_canonical",
+    "ChatTokenizer",
+    "DataCollator",
+    "DataError",
+    "DataRecipe",
+    "build_bins",
+    "build_datasets",
+    "build_demo_data",
+    "collate_preference",
+    "compute_fill_ratio",
+    "detect_format",
+    "load_recipe",
+    "load_tokenizer",
+    "pack_dataset",
+    "render_chat",
+    "save_datasets",
+    "save_demo_data",
+    "to_canonical",
 ]

@@ -1,9 +1,9 @@
 """python -m data_tools validate|stats|prepare|demo: check, measure and build training data.
 
-    python -m data_tools demo data/demo
-    python -m data_tools validate data/demo/sft.jsonl --max-length 512
-    python -m data_tools stats recipe.yaml
-    python -m data_tools prepare recipe.yaml --output out/data
+python -m data_tools demo data/demo
+python -m data_tools validate data/demo/sft.jsonl --max-length 512
+python -m data_tools stats recipe.yaml
+python -m data_tools prepare recipe.yaml --output out/data
 """
 
 import argparse
@@ -22,10 +22,14 @@ def build_recipe(args: argparse.Namespace) -> DataRecipe:
     if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
         recipe = load_recipe(args.inputs[0])
     else:
-        recipe = DataRecipe(task=args.task or "sft",
-                            sources=[SourceSpec(path=p, format=args.format) for p in args.inputs])
-    overrides = {key: getattr(args, key) for key in ("task", "max_length", "num_proc", "tokenizer", "on_too_long")
-                 if getattr(args, key, None) is not None}
+        recipe = DataRecipe(
+            task=args.task or "sft", sources=[SourceSpec(path=p, format=args.format) for p in args.inputs]
+        )
+    overrides = {
+        key: getattr(args, key)
+        for key in ("task", "max_length", "num_proc", "tokenizer", "on_too_long")
+        if getattr(args, key, None) is not None
+    }
     if args.skip_invalid:
         overrides["skip_invalid"] = True
     return replace(recipe, **overrides)
@@ -35,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("validate", "check every record; list the bad ones"),
-                       ("stats", "counts, token lengths, truncation, drops, fill ratio"),
-                       ("prepare", "build the tokenized (packed) datasets and save them")):
+    for name, text in (
+        ("validate", "check every record; list the bad ones"),
+        ("stats", "counts, token lengths, truncation, drops, fill ratio"),
+        ("prepare", "build the tokenized (packed) datasets and save them"),
+    ):
         command = commands.add_parser(name, help=text)
         command.add_argument("inputs", nargs="+", help="a recipe YAML, or data files/folders")
         command.add_argument("--task", choices=["sft", "dpo", "kto", "cpt"])
@@ -65,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            paths = save_demo_data(args.folder, num_train=args.num_train, num_eval=args.num_eval,
-                                   num_preference=args.num_preference, max_operand=args.max_operand,
-                                   seed=args.seed)
+            paths = save_demo_data(
+                args.folder,
+                num_train=args.num_train,
+                num_eval=args.num_eval,
+                num_preference=args.num_preference,
+                max_operand=args.max_operand,
+                seed=args.seed,
+            )
             print("\n".join(f"{name}: {path}" for name, path in paths.items()))
             return 0
         recipe = build_recipe(args)

@@ -57,8 +57,12 @@ class DataCollator:
             labels[row, :n] = torch.tensor(e.get("labels", e["input_ids"]))
             attention_mask[row, :n] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "position_ids": position_ids}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
 
     def collate_padding_free(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Concatenate the real tokens of every sample into one row."""
@@ -78,8 +82,11 @@ class DataCollator:
         starts = build_cu_seqlens(lengths)[:-1]
         for start in starts:
             labels[start] = IGNORE_INDEX  # never train a sample's first token on the previous sample
-        batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-                 "position_ids": torch.tensor([position_ids])}
+        batch = {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([position_ids]),
+        }
         if self.return_cu_seqlens:
             self.add_cu_seqlens(batch, lengths)
         return batch

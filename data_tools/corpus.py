@@ -27,13 +27,20 @@ def build_blocks_batch(batch: dict[str, list], block_size: int, pad_id: int) -> 
     return rows
 
 
-def build_corpus_blocks(ds: Dataset | IterableDataset, chat: ChatTokenizer, block_size: int, num_proc: int = 1,
-                        batch_size: int = 10_000) -> Dataset | IterableDataset:
+def build_corpus_blocks(
+    ds: Dataset | IterableDataset, chat: ChatTokenizer, block_size: int, num_proc: int = 1, batch_size: int = 10_000
+) -> Dataset | IterableDataset:
     """Text rows ({"text"}) -> blocks {input_ids, labels, position_ids, seq_lengths} of block_size tokens."""
     kwargs: dict[str, Any] = {}
     if isinstance(ds, Dataset):
         kwargs = {"num_proc": num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None}
     columns = ds.column_names if ds.column_names is not None else ["text"]
     tokens = ds.map(tokenize_text_batch, batched=True, remove_columns=columns, fn_kwargs={"chat": chat}, **kwargs)
-    return tokens.map(build_blocks_batch, batched=True, batch_size=batch_size, remove_columns=["input_ids"],
-                      fn_kwargs={"block_size": block_size, "pad_id": chat.eos_id}, **kwargs)
+    return tokens.map(
+        build_blocks_batch,
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=["input_ids"],
+        fn_kwargs={"block_size": block_size, "pad_id": chat.eos_id},
+        **kwargs,
+    )

@@ -13,8 +13,14 @@ class RecordError(ValueError):
 class DataError(ValueError):
     """A bad record or source, with its location; the CLI prints it as one line."""
 
-    def __init__(self, message: str, file: str | None = None, line: int | None = None, field: str | None = None,
-                 reason: str = "error"):
+    def __init__(
+        self,
+        message: str,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        reason: str = "error",
+    ):
         self.file = file
         self.line = line
         self.field = field

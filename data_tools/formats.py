@@ -132,8 +132,9 @@ def build_tool_calls(calls: Any, field: str) -> list[dict[str, Any]]:
         arguments = function.get("arguments", "{}")
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, ensure_ascii=False)
-        result.append({"type": call.get("type") or "function", "function": {"name": function["name"],
-                                                                             "arguments": arguments}})
+        result.append(
+            {"type": call.get("type") or "function", "function": {"name": function["name"], "arguments": arguments}}
+        )
     return result
 
 
@@ -246,9 +247,10 @@ def to_canonical(record: dict[str, Any], fmt: str) -> dict[str, Any]:
         instruction = build_text(require(record, "instruction"), "instruction")
         extra = record.get("input")
         user = f"{instruction}\n\n{build_text(extra, 'input')}" if extra else instruction
-        messages = [{"role": "user", "content": user, "tool_calls": None},
-                    {"role": "assistant", "content": build_text(require(record, "output"), "output"),
-                     "tool_calls": None}]
+        messages = [
+            {"role": "user", "content": user, "tool_calls": None},
+            {"role": "assistant", "content": build_text(require(record, "output"), "output"), "tool_calls": None},
+        ]
         if isinstance(record.get("system"), str) and record["system"]:
             messages.insert(0, {"role": "system", "content": record["system"], "tool_calls": None})
         check_conversation(messages, "instruction")

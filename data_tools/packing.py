@@ -36,8 +36,9 @@ def build_bins(lengths: list[int], max_length: int) -> list[list[int]]:
     return bins
 
 
-def build_packed_row(samples: list[tuple[list[int], list[int]]], max_length: int, pad_id: int,
-                     pad: bool = True) -> dict[str, list[int]]:
+def build_packed_row(
+    samples: list[tuple[list[int], list[int]]], max_length: int, pad_id: int, pad: bool = True
+) -> dict[str, list[int]]:
     """One row from (input_ids, labels) samples; padded to max_length when `pad`."""
     input_ids: list[int] = []
     labels: list[int] = []
@@ -65,16 +66,28 @@ def pack_batch(batch: dict[str, list], max_length: int, pad_id: int, pad: bool) 
     return {key: [row[key] for row in rows] for key in ("input_ids", "labels", "position_ids", "seq_lengths")}
 
 
-def pack_dataset(ds: Dataset | IterableDataset, max_length: int, pad_id: int = 1, pad: bool = True,
-                 num_proc: int = 1, batch_size: int = 20_000) -> Dataset | IterableDataset:
+def pack_dataset(
+    ds: Dataset | IterableDataset,
+    max_length: int,
+    pad_id: int = 1,
+    pad: bool = True,
+    num_proc: int = 1,
+    batch_size: int = 20_000,
+) -> Dataset | IterableDataset:
     """Pack a tokenized dataset (input_ids, labels) into rows; each map batch of `batch_size` samples is packed
     on its own, so streaming works and several processes can pack in parallel."""
     columns = ds.column_names if ds.column_names is not None else ["input_ids", "labels"]
     kwargs: dict[str, Any] = {}
     if isinstance(ds, Dataset):
         kwargs = {"num_proc": num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None, "desc": "Packing"}
-    return ds.map(pack_batch, batched=True, batch_size=batch_size, remove_columns=columns,
-                  fn_kwargs={"max_length": max_length, "pad_id": pad_id, "pad": pad}, **kwargs)
+    return ds.map(
+        pack_batch,
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=columns,
+        fn_kwargs={"max_length": max_length, "pad_id": pad_id, "pad": pad},
+        **kwargs,
+    )
 
 
 def compute_fill_ratio(ds: Dataset, max_length: int) -> float:

@@ -97,8 +97,9 @@ def too_long_error(length: int, max_length: int) -> RecordError:
     return RecordError("too_long", f"sample has {length} tokens, more than max_length {max_length}")
 
 
-def tokenize_sft_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: int, train_on: str,
-                       on_too_long: str) -> dict[str, list]:
+def tokenize_sft_batch(
+    batch: dict[str, list], chat: ChatTokenizer, max_length: int, train_on: str, on_too_long: str
+) -> dict[str, list]:
     """Batched map function: canonical chats -> input_ids, labels (with error rows for what cannot be used)."""
     errors: list[RecordError | None] = [None] * len(batch["messages"])
     segments = []
@@ -127,8 +128,9 @@ def tokenize_sft_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: 
     return {**out, **error_columns(errors)}
 
 
-def tokenize_preference_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: int,
-                              on_too_long: str) -> dict[str, list]:
+def tokenize_preference_batch(
+    batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
+) -> dict[str, list]:
     """Batched map function: prompt/chosen/rejected -> trl's prompt_ids, chosen_ids, rejected_ids."""
     chosen = chat.tokenize_completions(batch["prompt"], batch["chosen"])
     rejected = chat.tokenize_completions(batch["prompt"], batch["rejected"])
@@ -154,8 +156,9 @@ def tokenize_preference_batch(batch: dict[str, list], chat: ChatTokenizer, max_l
     return {**out, **error_columns(errors)}
 
 
-def tokenize_kto_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: int,
-                       on_too_long: str) -> dict[str, list]:
+def tokenize_kto_batch(
+    batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
+) -> dict[str, list]:
     """Batched map function: prompt/completion/label -> trl's prompt_ids, completion_ids, label."""
     pairs = chat.tokenize_completions(batch["prompt"], batch["completion"])
     out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": batch["label"], "_truncated": []}
@@ -182,8 +185,9 @@ def tokenize_kto_batch(batch: dict[str, list], chat: ChatTokenizer, max_length: 
 TOKENIZERS = {"sft": tokenize_sft_batch, "dpo": tokenize_preference_batch, "kto": tokenize_kto_batch}
 
 
-def tokenize_examples(ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer,
-                      report: DataReport, split: str) -> Dataset | IterableDataset:
+def tokenize_examples(
+    ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer, report: DataReport, split: str
+) -> Dataset | IterableDataset:
     """Canonical rows -> tokenized rows for the recipe's task (bad or too-long rows raised, skipped or dropped)."""
     function = TOKENIZERS[recipe.task]
     kwargs: dict[str, Any] = {"max_length": recipe.max_length, "on_too_long": recipe.on_too_long, "chat": chat}
@@ -209,8 +213,7 @@ def measure_lengths(ds: Dataset, task: str) -> list[int]:
     if task == "sft":
         return [len(ids) for ids in ds["input_ids"]]
     if task == "dpo":
-        return [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"],
-                                                               ds["rejected_ids"])]
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     return [len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["completion_ids"])]
 
 
@@ -234,8 +237,9 @@ def build_mixture(parts: list[Dataset], specs: list[SourceSpec], recipe: DataRec
     return mixed.shuffle(seed=recipe.seed).flatten_indices()
 
 
-def build_datasets(recipe: DataRecipe, tokenizer: PreTrainedTokenizerBase | None = None
-                   ) -> tuple[dict[str, Dataset | IterableDataset], DataReport]:
+def build_datasets(
+    recipe: DataRecipe, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[dict[str, Dataset | IterableDataset], DataReport]:
     """The recipe's train (and eval) datasets, ready for the trainers, and the report of what happened."""
     tokenizer = tokenizer or load_tokenizer(recipe.tokenizer)
     chat = ChatTokenizer(tokenizer, recipe.fix_tool_calls)
@@ -265,16 +269,17 @@ def build_datasets(recipe: DataRecipe, tokenizer: PreTrainedTokenizerBase | None
     return result, report
 
 
-def build_splits(train_parts: list[Dataset], eval_parts: list[Dataset], recipe: DataRecipe,
-                 report: DataReport) -> dict[str, Dataset]:
+def build_splits(
+    train_parts: list[Dataset], eval_parts: list[Dataset], recipe: DataRecipe, report: DataReport
+) -> dict[str, Dataset]:
     """Deduplicate, hold out eval_fraction of every source, weight and mix."""
     parts = [add_hashes(ds, recipe.num_proc) for ds in train_parts + eval_parts]
     if recipe.dedup:
         # Eval sources first: an example in both stays in eval only.
-        parts = parts[len(train_parts):] + parts[: len(train_parts)]
+        parts = parts[len(train_parts) :] + parts[: len(train_parts)]
         parts = remove_duplicates(parts, report)
-        parts = parts[len(eval_parts):] + parts[: len(eval_parts)]
-    train_parts, eval_parts = parts[: len(train_parts)], parts[len(train_parts):]
+        parts = parts[len(eval_parts) :] + parts[: len(eval_parts)]
+    train_parts, eval_parts = parts[: len(train_parts)], parts[len(train_parts) :]
     if recipe.eval_fraction > 0:
         held = []
         for i, ds in enumerate(train_parts):
@@ -288,8 +293,9 @@ def build_splits(train_parts: list[Dataset], eval_parts: list[Dataset], recipe: 
     return splits
 
 
-def build_cpt_split(ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer, report: DataReport,
-                    split: str) -> Dataset | IterableDataset:
+def build_cpt_split(
+    ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer, report: DataReport, split: str
+) -> Dataset | IterableDataset:
     """Corpus blocks, with packed replay chat rows mixed in (train only)."""
     blocks = build_corpus_blocks(ds.remove_columns(["_file", "_line"]), chat, recipe.max_length, recipe.num_proc)
     if split != "train" or not recipe.replay_sources or recipe.replay_fraction <= 0:
@@ -299,8 +305,9 @@ def build_cpt_split(ds: Dataset | IterableDataset, recipe: DataRecipe, chat: Cha
         return blocks
     if isinstance(blocks, IterableDataset):
         raise DataError("replay mixing needs a map-style dataset (streaming: false)")
-    replay_recipe = DataRecipe(**{**recipe.__dict__, "task": "sft", "sources": recipe.replay_sources,
-                                  "eval_sources": [], "eval_fraction": 0.0})
+    replay_recipe = DataRecipe(
+        **{**recipe.__dict__, "task": "sft", "sources": recipe.replay_sources, "eval_sources": [], "eval_fraction": 0.0}
+    )
     replay_parts = load_sources(recipe.replay_sources, "chat", replay_recipe, report)
     replay = build_mixture(replay_parts, recipe.replay_sources, replay_recipe)
     replay = tokenize_examples(replay, replay_recipe, chat, report, "replay")

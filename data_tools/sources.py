@@ -116,8 +116,9 @@ def find_invalid_utf8_lines(path: Path) -> set[int]:
     return bad
 
 
-def build_row(kind: str, file: str, line: int, example: dict[str, Any] | None = None,
-              error: RecordError | None = None) -> dict[str, Any]:
+def build_row(
+    kind: str, file: str, line: int, example: dict[str, Any] | None = None, error: RecordError | None = None
+) -> dict[str, Any]:
     """A canonical row, or an error row holding the placeholder example."""
     row = dict(example) if example is not None else empty_example(kind)
     row.update(_file=file, _line=line, _error=None, _field=None, _reason=None)
@@ -131,8 +132,9 @@ def rows_to_batch(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, l
     return {c: [row[c] for row in rows] for c in columns}
 
 
-def canonicalize_lines(batch: dict[str, list], indices: list[int], file: str, fmt: str,
-                       invalid_lines: set[int]) -> dict[str, list]:
+def canonicalize_lines(
+    batch: dict[str, list], indices: list[int], file: str, fmt: str, invalid_lines: set[int]
+) -> dict[str, list]:
     """JSONL lines -> canonical rows (invalid UTF-8, invalid JSON and bad records become error rows)."""
     kind = FORMAT_KINDS[fmt]
     rows = []
@@ -147,8 +149,11 @@ def canonicalize_lines(batch: dict[str, list], indices: list[int], file: str, fm
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            rows.append(build_row(kind, file, number, error=RecordError("invalid_json", f"invalid JSON: {e.msg} "
-                                                                         f"(column {e.colno})")))
+            rows.append(
+                build_row(
+                    kind, file, number, error=RecordError("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})")
+                )
+            )
             continue
         rows.append(canonicalize_record(record, kind, fmt, file, number))
     return rows_to_batch(rows, list(build_features(kind)))
@@ -164,8 +169,9 @@ def canonicalize_record(record: Any, kind: str, fmt: str, file: str, number: int
         return build_row(kind, file, number, error=e)
 
 
-def canonicalize_records(batch: dict[str, list], indices: list[int], file: str, fmt: str,
-                         first_line: int) -> dict[str, list]:
+def canonicalize_records(
+    batch: dict[str, list], indices: list[int], file: str, fmt: str, first_line: int
+) -> dict[str, list]:
     """Rows of a JSON/Parquet/CSV/saved dataset -> canonical rows."""
     kind = FORMAT_KINDS[fmt]
     columns = [c for c in batch if c not in ("_file", "_line")]
@@ -176,8 +182,9 @@ def canonicalize_records(batch: dict[str, list], indices: list[int], file: str, 
     return rows_to_batch(rows, list(build_features(kind)))
 
 
-def canonicalize_texts(batch: dict[str, list], indices: list[int], file: str, by_line: bool,
-                       invalid_lines: set[int]) -> dict[str, list]:
+def canonicalize_texts(
+    batch: dict[str, list], indices: list[int], file: str, by_line: bool, invalid_lines: set[int]
+) -> dict[str, list]:
     """Plain-text documents -> canonical text rows (`_line` is the line for line files, else the document)."""
     rows = []
     for index, text in zip(indices, batch["text"]):
@@ -226,8 +233,9 @@ def map_options(ds: Dataset | IterableDataset, num_proc: int, desc: str) -> dict
     return {"num_proc": num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None, "desc": desc}
 
 
-def load_file(path: Path, spec: SourceSpec, kind: str | None, streaming: bool = False,
-              num_proc: int = 1) -> Dataset | IterableDataset:
+def load_file(
+    path: Path, spec: SourceSpec, kind: str | None, streaming: bool = False, num_proc: int = 1
+) -> Dataset | IterableDataset:
     """Canonical rows of one data file."""
     file = str(path)
     suffix = path.suffix.lower()
@@ -235,20 +243,31 @@ def load_file(path: Path, spec: SourceSpec, kind: str | None, streaming: bool = 
         invalid = find_invalid_utf8_lines(path)
         sample_by = "line" if suffix in LINE_FILES else spec.sample_by
         # "replace" keeps loading past invalid bytes; the lines found above are reported as errors.
-        raw = datasets.load_dataset("text", data_files=file, split="train", streaming=streaming, sample_by=sample_by,
-                                    encoding_errors="replace")
+        raw = datasets.load_dataset(
+            "text", data_files=file, split="train", streaming=streaming, sample_by=sample_by, encoding_errors="replace"
+        )
         if suffix in TEXT_FILES:
             if spec.format not in (None, "text") or kind not in (None, "text"):
                 raise DataError("plain-text files hold raw text (task cpt)", file)
-            return raw.map(canonicalize_texts, batched=True, with_indices=True, remove_columns=["text"],
-                           features=build_features("text"),
-                           fn_kwargs={"file": file, "by_line": sample_by == "line", "invalid_lines": invalid},
-                           **map_options(raw, num_proc, f"Reading {path.name}"))
+            return raw.map(
+                canonicalize_texts,
+                batched=True,
+                with_indices=True,
+                remove_columns=["text"],
+                features=build_features("text"),
+                fn_kwargs={"file": file, "by_line": sample_by == "line", "invalid_lines": invalid},
+                **map_options(raw, num_proc, f"Reading {path.name}"),
+            )
         fmt = resolve_format(spec.format, read_first_record(path), file, kind)
-        return raw.map(canonicalize_lines, batched=True, with_indices=True, remove_columns=["text"],
-                       features=build_features(FORMAT_KINDS[fmt]),
-                       fn_kwargs={"file": file, "fmt": fmt, "invalid_lines": invalid},
-                       **map_options(raw, num_proc, f"Reading {path.name}"))
+        return raw.map(
+            canonicalize_lines,
+            batched=True,
+            with_indices=True,
+            remove_columns=["text"],
+            features=build_features(FORMAT_KINDS[fmt]),
+            fn_kwargs={"file": file, "fmt": fmt, "invalid_lines": invalid},
+            **map_options(raw, num_proc, f"Reading {path.name}"),
+        )
     if suffix not in RECORD_FILES:
         raise DataError(f"unsupported file type {suffix!r}; known: {', '.join(DATA_SUFFIXES)}", file)
     try:
@@ -272,22 +291,34 @@ def locate_json_error(path: Path) -> str | None:
     return None
 
 
-def canonicalize_dataset(raw: Dataset | IterableDataset, spec: SourceSpec, kind: str | None, file: str,
-                         first_line: int = 1, num_proc: int = 1) -> Dataset | IterableDataset:
+def canonicalize_dataset(
+    raw: Dataset | IterableDataset,
+    spec: SourceSpec,
+    kind: str | None,
+    file: str,
+    first_line: int = 1,
+    num_proc: int = 1,
+) -> Dataset | IterableDataset:
     """Canonical rows of an already loaded dataset (records as columns)."""
     first = next(iter(raw), None)
     if first is None:
         raise DataError("source has no records", file, reason="empty_file")
-    fmt = resolve_format(spec.format, {k: v for k, v in first.items() if v is not None}, file, kind)
+    fmt = resolve_format(spec.format, first, file, kind)  # all columns: a null in row 1 is still a column
     columns = raw.column_names if raw.column_names is not None else list(first)
-    return raw.map(canonicalize_records, batched=True, with_indices=True, remove_columns=columns,
-                   features=build_features(FORMAT_KINDS[fmt]),
-                   fn_kwargs={"file": file, "fmt": fmt, "first_line": first_line},
-                   **map_options(raw, num_proc, f"Reading {Path(file).name}"))
+    return raw.map(
+        canonicalize_records,
+        batched=True,
+        with_indices=True,
+        remove_columns=columns,
+        features=build_features(FORMAT_KINDS[fmt]),
+        fn_kwargs={"file": file, "fmt": fmt, "first_line": first_line},
+        **map_options(raw, num_proc, f"Reading {Path(file).name}"),
+    )
 
 
-def load_source(spec: SourceSpec, kind: str | None = None, streaming: bool = False,
-                num_proc: int = 1) -> Dataset | IterableDataset:
+def load_source(
+    spec: SourceSpec, kind: str | None = None, streaming: bool = False, num_proc: int = 1
+) -> Dataset | IterableDataset:
     """Canonical rows (with `_error` rows for bad records) of a file, a folder or a dataset saved to disk."""
     name, start, stop = parse_split(spec.split) if spec.split else ("train", None, None)
     if is_saved_dataset(spec.path):
@@ -329,5 +360,6 @@ def build_stream_mixture(parts: list[IterableDataset], weights: list[float], see
     total = sum(weights)
     if not total or any(math.isnan(w) or w < 0 for w in weights):
         raise DataError(f"bad weights {weights}")
-    return datasets.interleave_datasets(parts, probabilities=[w / total for w in weights], seed=seed,
-                                        stopping_strategy="all_exhausted")
+    return datasets.interleave_datasets(
+        parts, probabilities=[w / total for w in weights], seed=seed, stopping_strategy="all_exhausted"
+    )

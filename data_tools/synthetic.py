@@ -19,12 +19,17 @@ def build_pairs(max_operand: int, seed: int) -> list[tuple[int, int]]:
 
 def build_chat(a: int, b: int, template: str) -> dict[str, Any]:
     """One arithmetic question and its answer as a chat."""
-    return {"messages": [{"role": "user", "content": template.format(a=a, b=b)},
-                         {"role": "assistant", "content": str(a + b)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": template.format(a=a, b=b)},
+            {"role": "assistant", "content": str(a + b)},
+        ]
+    }
 
 
-def build_demo_data(num_train: int = 2000, num_eval: int = 200, num_preference: int = 500,
-                    max_operand: int = 100, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def build_demo_data(
+    num_train: int = 2000, num_eval: int = 200, num_preference: int = 500, max_operand: int = 100, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
     """Records of each demo file: sft, eval (disjoint questions, half of them in the corpus), preference, corpus.
 
     The corpus states the facts "a + b = c" of the training pairs and of half of the eval pairs, so the demo can
@@ -32,7 +37,9 @@ def build_demo_data(num_train: int = 2000, num_eval: int = 200, num_preference: 
     """
     pairs = build_pairs(max_operand, seed)
     if num_train + num_eval > len(pairs):
-        raise ValueError(f"{num_train} + {num_eval} questions need max_operand >= {int((num_train + num_eval) ** 0.5) + 1}")
+        raise ValueError(
+            f"{num_train} + {num_eval} questions need max_operand >= {int((num_train + num_eval) ** 0.5) + 1}"
+        )
     rng = random.Random(seed + 1)
     train_pairs, eval_pairs = pairs[:num_train], pairs[num_train : num_train + num_eval]
     sft = [build_chat(a, b, rng.choice(QUESTION_TEMPLATES)) for a, b in train_pairs]
@@ -43,9 +50,13 @@ def build_demo_data(num_train: int = 2000, num_eval: int = 200, num_preference: 
         a, b = train_pairs[i % len(train_pairs)]
         wrong = a + b + rng.choice([-2, -1, 1, 2, 10])
         rejected = str(wrong) if i % 2 == 0 else RAMBLING.format(c=wrong)
-        preference.append({"prompt": [{"role": "user", "content": rng.choice(QUESTION_TEMPLATES).format(a=a, b=b)}],
-                           "chosen": [{"role": "assistant", "content": str(a + b)}],
-                           "rejected": [{"role": "assistant", "content": rejected}]})
+        preference.append(
+            {
+                "prompt": [{"role": "user", "content": rng.choice(QUESTION_TEMPLATES).format(a=a, b=b)}],
+                "chosen": [{"role": "assistant", "content": str(a + b)}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     facts = [f"{a} + {b} = {a + b}." for a, b in train_pairs + sorted(seen)]
     rng.shuffle(facts)
     corpus = [{"text": " ".join(facts[i : i + 8])} for i in range(0, len(facts), 8)]

@@ -35,8 +35,19 @@ TOOL_OUTPUTS_END = "<｜tool▁outputs▁end｜>"
 TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
 TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
 SPECIAL_TOKENS = (
-    BOS, EOS, USER, ASSISTANT, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
-    TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END,
+    BOS,
+    EOS,
+    USER,
+    ASSISTANT,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_SEP,
+    TOOL_OUTPUTS_BEGIN,
+    TOOL_OUTPUTS_END,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
 )
 
 IGNORE_INDEX = -100
@@ -193,7 +204,9 @@ class ChatTokenizer:
             raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
         return segments
 
-    def tokenize_chats(self, chats: list[list[dict[str, Any]]], train_on: TrainOn = "all") -> list[dict[str, list[int]]]:
+    def tokenize_chats(
+        self, chats: list[list[dict[str, Any]]], train_on: TrainOn = "all"
+    ) -> list[dict[str, list[int]]]:
         """input_ids and labels (-100 where not trained) for each chat; labels[0] is always -100."""
         encoded = self.encode_segments([self.segments(messages, train_on=train_on) for messages in chats])
         return [build_labeled(ids, trained) for ids, trained in encoded]

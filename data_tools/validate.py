@@ -67,13 +67,23 @@ def build_percentiles(lengths: list[int]) -> dict[str, float]:
         return {"count": 0}
     values = np.asarray(lengths)
     p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
-    return {"count": len(values), "total": int(values.sum()), "mean": round(float(values.mean()), 1),
-            "p50": float(p50), "p90": float(p90), "p95": float(p95), "p99": float(p99), "max": int(values.max())}
+    return {
+        "count": len(values),
+        "total": int(values.sum()),
+        "mean": round(float(values.mean()), 1),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p95": float(p95),
+        "p99": float(p99),
+        "max": int(values.max()),
+    }
 
 
 def build_data_error(row: dict[str, Any]) -> DataError:
     """The DataError for a row that carries an error."""
-    return DataError(row["_error"], row.get("_file"), row.get("_line"), row.get("_field"), row.get("_reason") or "error")
+    return DataError(
+        row["_error"], row.get("_file"), row.get("_line"), row.get("_field"), row.get("_reason") or "error"
+    )
 
 
 def drop_bad_records(
@@ -134,8 +144,7 @@ def hash_batch(batch: dict[str, list], columns: list[str]) -> dict[str, list]:
 def add_hashes(ds: Dataset, num_proc: int = 1) -> Dataset:
     """Add a `_hash` column of the content columns."""
     columns = [c for c in ds.column_names if not c.startswith("_")]
-    return ds.map(hash_batch, batched=True, fn_kwargs={"columns": columns}, num_proc=num_proc,
-                  desc="Hashing")
+    return ds.map(hash_batch, batched=True, fn_kwargs={"columns": columns}, num_proc=num_proc, desc="Hashing")
 
 
 def remove_duplicates(datasets_: list[Dataset], report: DataReport) -> list[Dataset]:
@@ -158,9 +167,7 @@ def remove_duplicates(datasets_: list[Dataset], report: DataReport) -> list[Data
 def split_by_hash(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """(train, eval): an example goes to eval when its seeded content hash falls below eval_fraction."""
     digests = ds["_hash"]
-    to_eval = [
-        int(hashlib.sha1(f"{seed}:{d}".encode()).hexdigest()[:12], 16) / 16**12 < eval_fraction for d in digests
-    ]
+    to_eval = [int(hashlib.sha1(f"{seed}:{d}".encode()).hexdigest()[:12], 16) / 16**12 < eval_fraction for d in digests]
     train = [i for i, e in enumerate(to_eval) if not e]
     held = [i for i, e in enumerate(to_eval) if e]
     return ds.select(train), ds.select(held)
