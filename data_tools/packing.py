@@ -9,6 +9,7 @@ Every sample's first label is -100, so no token is ever trained to follow anothe
 from bisect import bisect_left, insort
 from typing import Any
 
+import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 
 from data_tools.template import IGNORE_INDEX
@@ -94,7 +95,7 @@ def compute_fill_ratio(ds: Dataset, max_length: int) -> float:
     """Share of the rows' capacity holding real tokens."""
     if len(ds) == 0:
         return 0.0
-    real = sum(sum(lengths) for lengths in ds["seq_lengths"])
+    real = pc.sum(pc.list_flatten(ds.with_format("arrow")["seq_lengths"])).as_py() or 0
     return real / (len(ds) * max_length)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import yaml
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
@@ -27,7 +28,14 @@ from data_tools.packing import compute_fill_ratio, pack_dataset
 from data_tools.sources import SourceSpec, apply_weight, build_stream_mixture, load_source
 from data_tools.template import ChatTokenizer
 from data_tools.tokenizer import load_tokenizer
-from data_tools.validate import DataReport, add_hashes, drop_bad_records, remove_duplicates, split_by_hash
+from data_tools.validate import (
+    DataReport,
+    add_hashes,
+    drop_bad_records,
+    read_column,
+    remove_duplicates,
+    split_by_hash,
+)
 
 ON_TOO_LONG = ("error", "drop", "truncate")
 
@@ -202,7 +210,7 @@ def tokenize_examples(
     drop = frozenset({"no_target"} | ({"too_long"} if recipe.on_too_long == "drop" else set()))
     ds = drop_bad_records(ds, report, recipe.skip_invalid, drop)
     if isinstance(ds, Dataset):
-        report.truncated += sum(ds["_truncated"])
+        report.truncated += sum(read_column(ds, "_truncated"))
         report.examples[split] = len(ds)
         report.lengths[split] = measure_lengths(ds, recipe.task)
     return ds.remove_columns(["_truncated", "_file", "_line"])
@@ -211,7 +219,7 @@ def tokenize_examples(
 def measure_lengths(ds: Dataset, task: str) -> list[int]:
     """Token length of each tokenized example (for DPO the longer of the two sequences)."""
     if task == "sft":
-        return [len(ids) for ids in ds["input_ids"]]
+        return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
     if task == "dpo":
         return [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     return [len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["completion_ids"])]
@@ -234,7 +242,8 @@ def build_mixture(parts: list[Dataset], specs: list[SourceSpec], recipe: DataRec
     weighted = [apply_weight(ds, spec.weight, recipe.seed + i) for i, (ds, spec) in enumerate(zip(parts, specs))]
     weighted = [ds.remove_columns([c for c in ("_hash",) if c in ds.column_names]) for ds in weighted]
     mixed = datasets.concatenate_datasets(weighted) if len(weighted) > 1 else weighted[0]
-    return mixed.shuffle(seed=recipe.seed).flatten_indices()
+    # No flatten_indices: rewriting nested message columns is slow; the tokenizing map reads through the indices.
+    return mixed.shuffle(seed=recipe.seed)
 
 
 def build_datasets(
