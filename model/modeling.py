@@ -144,10 +144,11 @@ def head_loss(
     head: nn.Linear,
     targets: torch.Tensor,  # [B, S]
     num_items_in_batch: int | torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,  # [B, S, V] when already computed
 ) -> torch.Tensor:
     """Cross-entropy computing logits only at positions that carry a target (the vocabulary dominates the cost)."""
     keep = targets != IGNORE_INDEX
-    logits = head(hidden[keep]).float()  # [N, V]
+    logits = (head(hidden[keep]) if logits is None else logits[keep]).float()  # [N, V]
     loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
     if isinstance(denominator, torch.Tensor):
@@ -256,17 +257,22 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         logits = None
+        all_positions = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if return_logits:
-            kept = hidden if isinstance(logits_to_keep, int) and logits_to_keep == 0 else None
-            if kept is None:
-                kept = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
-            logits = self.lm_head(kept)
+            if all_positions:
+                logits = self.lm_head(hidden)
+            elif isinstance(logits_to_keep, int):
+                logits = self.lm_head(hidden[:, -logits_to_keep:])
+            else:
+                logits = self.lm_head(hidden[:, logits_to_keep])
 
         loss = lm_loss = mtp_loss = balance_loss = None
         if labels is not None:
             # Packed samples: no target (main or MTP) may reach across a sample boundary.
             segments = segment_ids(state["position_ids"])
-            lm_loss = head_loss(hidden, self.lm_head, shifted_targets(labels, segments, 1), num_items_in_batch)
+            targets = shifted_targets(labels, segments, 1)
+            full_logits = logits if return_logits and all_positions else None
+            lm_loss = head_loss(hidden, self.lm_head, targets, num_items_in_batch, full_logits)
             loss = lm_loss
             if self.config.mtp_loss_enabled and len(self.model.mtp) > 0 and input_ids is not None:
                 mtp_loss = self._mtp_loss(hidden, input_ids, labels, segments, state, num_items_in_batch)

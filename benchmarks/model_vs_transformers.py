@@ -1,0 +1,144 @@
+"""Forward+backward tokens/s and peak memory: our DeepSeek-V3 vs transformers' DeepseekV3ForCausalLM.
+
+    .venv/bin/python benchmarks/model_vs_transformers.py [--steps 6] [--dtypes float32,bfloat16]
+
+Both models get the same ~100M-parameter config and the same weights (written once to a temporary checkpoint).
+transformers runs with sdpa attention and its grouped_mm experts. Each model runs in its own subprocess so peak
+memory (RSS sampled every 2 ms during the timed steps) is not shared between them. Prints medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1536,
+    moe_intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=4096,
+    rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "mscale": 1.0,
+                  "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+    rope_theta=10000.0,
+)
+BATCH, SEQ = 4, 256
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(kind: str, checkpoint: str, dtype_name: str, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    if kind == "ours":
+        from model import DeepseekV3ForCausalLM
+
+        model = DeepseekV3ForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, progress=False)
+    else:
+        from transformers import DeepseekV3ForCausalLM
+
+        model = DeepseekV3ForCausalLM.from_pretrained(
+            checkpoint, dtype=dtype, attn_implementation="sdpa", experts_implementation="grouped_mm"
+        )
+    model.train()
+    ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=False)
+        return time.perf_counter() - start
+
+    step()  # warm-up; also allocates the gradients
+    base = rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    times = [step() for _ in range(steps)]
+    done.set()
+    thread.join()
+    params = sum(p.numel() for p in model.parameters())
+    return dict(step_s=statistics.median(times), peak_rss=peak[0], peak_over_weights_and_grads=peak[0] - base,
+                params=params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--worker", choices=["ours", "transformers"])
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.checkpoint, args.dtype, args.steps)))
+        return
+
+    import torch
+
+    from model import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG))
+        model.save_pretrained(tmp)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        print(f"config: {params / 1e6:.0f}M parameters, batch {BATCH} x {SEQ} tokens, {args.steps} timed steps")
+        print(f"{'dtype':>9} {'model':>13} {'step s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'act. MB':>8}")
+        for dtype in args.dtypes.split(","):
+            results = {}
+            for kind in ("transformers", "ours"):
+                cmd = [sys.executable, __file__, "--worker", kind, "--checkpoint", tmp, "--dtype", dtype,
+                       "--steps", str(args.steps)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                results[kind] = r = json.loads(out.strip().splitlines()[-1])
+                tps = BATCH * SEQ / r["step_s"]
+                print(f"{dtype:>9} {kind:>13} {r['step_s']:8.3f} {tps:9.0f} {r['peak_rss'] / 1e6:12.0f} "
+                      f"{r['peak_over_weights_and_grads'] / 1e6:8.0f}")
+            speed = results["transformers"]["step_s"] / results["ours"]["step_s"]
+            memory = results["ours"]["peak_rss"] / results["transformers"]["peak_rss"]
+            print(f"{dtype:>9} ratio ours/transformers: tokens/s x{speed:.2f}, peak RSS x{memory:.2f}")
+
+
+if __name__ == "__main__":
+    main()
