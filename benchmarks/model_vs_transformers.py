@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/model_vs_transformers.py [--steps 6] [--dtypes float32,bfloat16]
 
-Both models get the same ~100M-parameter config and the same weights (written once to a temporary checkpoint).
-transformers runs with sdpa attention and its grouped_mm experts. Each model runs in its own subprocess so peak
-memory (RSS sampled every 2 ms during the timed steps) is not shared between them. Prints medians and ratios.
+Both models get the same ~135M-parameter config and the same weights (written once to a temporary checkpoint).
+transformers runs with sdpa attention and its grouped_mm experts. Speed: one process holds both models and
+alternates their steps, so machine noise hits both alike; the median step of each is reported. Memory: each
+model runs alone in its own subprocess (peak RSS sampled every 2 ms during the steps). Prints ratios.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ CONFIG = dict(
     first_k_dense_replace=1,
     num_nextn_predict_layers=0,
     max_position_embeddings=4096,
-    rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "mscale": 1.0,
-                  "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+    rope_scaling={
+        "type": "yarn",
+        "factor": 4,
+        "original_max_position_embeddings": 1024,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
     rope_theta=10000.0,
 )
 BATCH, SEQ = 4, 256
@@ -56,10 +64,9 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(kind: str, checkpoint: str, dtype_name: str, steps: int) -> dict:
+def load(kind: str, checkpoint: str, dtype_name: str):
     import torch
 
-    torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     if kind == "ours":
         from model import DeepseekV3ForCausalLM
@@ -71,16 +78,47 @@ def worker(kind: str, checkpoint: str, dtype_name: str, steps: int) -> dict:
         model = DeepseekV3ForCausalLM.from_pretrained(
             checkpoint, dtype=dtype, attn_implementation="sdpa", experts_implementation="grouped_mm"
         )
-    model.train()
-    ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+    return model.train()
+
+
+def make_step(model, ids):
+    """One training step's forward+backward, as a trainer runs it (ours skips returning full logits)."""
+    from model import DeepseekV3ForCausalLM
+
+    kwargs = {"return_logits": False} if isinstance(model, DeepseekV3ForCausalLM) else {}
 
     def step() -> float:
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
         loss.backward()
         model.zero_grad(set_to_none=False)
         return time.perf_counter() - start
 
+    return step
+
+
+def speed(checkpoint: str, dtype_name: str, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+    runs = {kind: make_step(load(kind, checkpoint, dtype_name), ids) for kind in ("transformers", "ours")}
+    times = {kind: [] for kind in runs}
+    for step in runs.values():
+        step()  # warm-up
+    for _ in range(steps):
+        for kind, step in runs.items():
+            times[kind].append(step())
+    return {kind: statistics.median(t) for kind, t in times.items()}
+
+
+def worker(kind: str, checkpoint: str, dtype_name: str, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model = load(kind, checkpoint, dtype_name)
+    ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
+    step = make_step(model, ids)
     step()  # warm-up; also allocates the gradients
     base = rss_bytes()
     peak = [base]
@@ -97,18 +135,22 @@ def worker(kind: str, checkpoint: str, dtype_name: str, steps: int) -> dict:
     done.set()
     thread.join()
     params = sum(p.numel() for p in model.parameters())
-    return dict(step_s=statistics.median(times), peak_rss=peak[0], peak_over_weights_and_grads=peak[0] - base,
-                params=params)
+    return dict(
+        step_s=statistics.median(times), peak_rss=peak[0], peak_over_weights_and_grads=peak[0] - base, params=params
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--worker", choices=["ours", "transformers"])
+    parser.add_argument("--worker", choices=["ours", "transformers", "speed"])
     parser.add_argument("--checkpoint")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
+    if args.worker == "speed":
+        print(json.dumps(speed(args.checkpoint, args.dtype, args.steps)))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.checkpoint, args.dtype, args.steps)))
         return
@@ -125,19 +167,25 @@ def main() -> None:
         del model
         print(f"config: {params / 1e6:.0f}M parameters, batch {BATCH} x {SEQ} tokens, {args.steps} timed steps")
         print(f"{'dtype':>9} {'model':>13} {'step s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'act. MB':>8}")
+
+        def run(*extra: str) -> dict:
+            cmd = [sys.executable, __file__, "--checkpoint", tmp, "--steps", str(args.steps), *extra]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            return json.loads(out.strip().splitlines()[-1])
+
         for dtype in args.dtypes.split(","):
+            step_s = run("--worker", "speed", "--dtype", dtype)
             results = {}
             for kind in ("transformers", "ours"):
-                cmd = [sys.executable, __file__, "--worker", kind, "--checkpoint", tmp, "--dtype", dtype,
-                       "--steps", str(args.steps)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-                results[kind] = r = json.loads(out.strip().splitlines()[-1])
-                tps = BATCH * SEQ / r["step_s"]
-                print(f"{dtype:>9} {kind:>13} {r['step_s']:8.3f} {tps:9.0f} {r['peak_rss'] / 1e6:12.0f} "
-                      f"{r['peak_over_weights_and_grads'] / 1e6:8.0f}")
-            speed = results["transformers"]["step_s"] / results["ours"]["step_s"]
+                results[kind] = r = run("--worker", kind, "--dtype", dtype)
+                tps = BATCH * SEQ / step_s[kind]
+                print(
+                    f"{dtype:>9} {kind:>13} {step_s[kind]:8.3f} {tps:9.0f} {r['peak_rss'] / 1e6:12.0f} "
+                    f"{r['peak_over_weights_and_grads'] / 1e6:8.0f}"
+                )
+            ratio = step_s["transformers"] / step_s["ours"]
             memory = results["ours"]["peak_rss"] / results["transformers"]["peak_rss"]
-            print(f"{dtype:>9} ratio ours/transformers: tokens/s x{speed:.2f}, peak RSS x{memory:.2f}")
+            print(f"{dtype:>9} ratio ours/transformers: tokens/s x{ratio:.2f}, peak RSS x{memory:.2f}")
 
 
 if __name__ == "__main__":
