@@ -1,0 +1,34 @@
+"""Scale-out applied from outside the model: expert parallelism, ZeRO-3 placement, sharded checkpoints."""
+
+from .checkpoint import ReadStats, load_expert_parallel, load_local_state, save_consolidated
+from .expert_parallel import (
+    ALL_TO_ALL_STATS,
+    all_to_all_rows,
+    apply_expert_parallel,
+    apply_global_expert_counts,
+    apply_local_fp8,
+)
+from .groups import (
+    ExpertParallelGroups,
+    ParallelConfigError,
+    build_expert_parallel_groups,
+    check_ep_size,
+    register_with_deepspeed,
+)
+
+__all__ = [
+    "ALL_TO_ALL_STATS",
+    "ExpertParallelGroups",
+    "ParallelConfigError",
+    "ReadStats",
+    "all_to_all_rows",
+    "apply_expert_parallel",
+    "apply_global_expert_counts",
+    "apply_local_fp8",
+    "build_expert_parallel_groups",
+    "check_ep_size",
+    "load_expert_parallel",
+    "load_local_state",
+    "register_with_deepspeed",
+    "save_consolidated",
+]

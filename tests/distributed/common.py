@@ -1,0 +1,49 @@
+"""Shared pieces of the multi-process tests: a tiny DeepSeek-V3 checkpoint and batches split over ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from model import DeepseekV3Config, DeepseekV3ForCausalLM
+from model.checkpoint import list_checkpoint_files
+
+
+def tiny_config(**overrides) -> DeepseekV3Config:
+    """The tiny preset with MTP on: two MoE decoder layers plus the MoE MTP layer, 8 experts."""
+    return DeepseekV3Config.from_preset("tiny", mtp_loss_enabled=True, **overrides)
+
+
+def build_tiny(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
+    torch.manual_seed(seed)
+    return DeepseekV3ForCausalLM(tiny_config(**overrides)).float()
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
+    """Save a random tiny model in several shards (so ranks open several files)."""
+    model = build_tiny(seed, **overrides)
+    model.save_pretrained(path, max_shard_size="150KB")
+    return model
+
+
+def batch(world_size: int, per_rank: int = 2, seq: int = 24, vocab: int = 1024, seed: int = 1) -> torch.Tensor:
+    """[world_size * per_rank, seq] token ids; rank r takes rows [r * per_rank, (r + 1) * per_rank)."""
+    return torch.randint(0, vocab, (world_size * per_rank, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """Checkpoint key -> stored bytes, from the safetensors headers only."""
+    sizes = {}
+    for key, file in list_checkpoint_files(path).items():
+        with safe_open(str(file), framework="pt") as handle:
+            piece = handle.get_slice(key)
+            numel = 1
+            for dim in piece.get_shape():
+                numel *= dim
+            sizes[key] = numel * torch.empty(0, dtype=getattr(torch, _DTYPES[piece.get_dtype()])).element_size()
+    return sizes
+
+
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn", "I64": "int64"}

@@ -1,0 +1,67 @@
+"""Run a function on N local ranks (gloo, CPU) in forked processes: children inherit the imports, so a rank starts
+in well under a second instead of re-importing torch, transformers and DeepSpeed."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+# DeepSpeed JIT-builds a C++ op for CPUs at init (about 90 s once): keep the build cached between runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        fn(rank, world_size, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)  # skip atexit handlers inherited from the parent (pytest's)
+
+
+def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> list[int]:
+    """Run fn(rank, world_size, *args) on world_size ranks; returns exit codes (raises if any rank failed)."""
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    codes = []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+        codes.append(p.exitcode)
+    return codes
+
+
+def check_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> None:
+    """run_ranks, failing the test unless every rank exited cleanly."""
+    codes = run_ranks(fn, world_size, *args, timeout=timeout)
+    assert codes == [0] * world_size, f"rank exit codes {codes} (tracebacks above in the captured stderr)"

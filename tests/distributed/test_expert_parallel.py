@@ -1,0 +1,140 @@
+"""Expert parallelism with plain torch.distributed (gloo): same outputs, gradients and expert counts as one process
+on the same global batch, uneven and empty all_to_all splits, each rank reading only its experts' bytes, and a
+consolidated checkpoint holding every expert."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from finetune.parallel import (
+    ParallelConfigError,
+    apply_global_expert_counts,
+    build_expert_parallel_groups,
+    check_ep_size,
+    load_expert_parallel,
+    save_consolidated,
+)
+from finetune.parallel.expert_parallel import ExpertParallelMixin
+from model import DeepseekV3ForCausalLM
+from model.checkpoint import list_checkpoint_files
+
+from .common import batch, tensor_bytes, write_tiny_checkpoint
+from .launch import check_ranks
+
+EXPERT_KEY = re.compile(r"\.mlp\.experts\.(\d+)\.")
+# fp32 throughout; the EP run differs from one process only in summation order (grouped vs padded GEMMs, the
+# all-reduce of gradients), so values agree to a few ulps of fp32.
+ATOL, RTOL = 2e-6, 1e-4
+
+
+def skew_router(model: torch.nn.Module) -> None:
+    """Bias every router towards experts 0 and 1 (rank 0's with ep_size 2): the other ranks receive no token."""
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias[:2] = 10.0
+
+
+def reference(model: DeepseekV3ForCausalLM, ids: torch.Tensor, world: int) -> dict:
+    """One process: loss = mean over ranks' slices of each slice's loss; logits, grads and global counts."""
+    model.zero_grad()
+    logits, counts = [], 0
+    loss = 0.0
+    for rows in ids.chunk(world):
+        out = model(input_ids=rows, labels=rows)
+        loss = loss + out.loss / world
+        logits.append(out.logits.detach())
+        counts = counts + model.expert_counts()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {"logits": torch.cat(logits), "grads": grads, "counts": counts}
+
+
+def ep_worker(rank: int, world: int, path: Path, out: Path, ep_size: int) -> None:
+    groups = build_expert_parallel_groups(ep_size)
+    model, stats = load_expert_parallel(DeepseekV3ForCausalLM, path, groups, dtype=torch.float32)
+    apply_global_expert_counts(model)
+    rows = batch(world).chunk(world)[rank]
+    results = {"stats": stats}
+    for case in ("plain", "skewed"):
+        if case == "skewed":
+            skew_router(model)
+        model.zero_grad()
+        output = model(input_ids=rows, labels=rows)
+        (output.loss / world).backward()
+        grads = {}
+        for name, param in model.named_parameters():
+            expert = ".mlp.experts." in name
+            # Non-expert gradients: data parallel over the world. Expert gradients already hold every rank's
+            # tokens routed to them (all_to_all backward): sum over the ranks holding the same experts only.
+            dist.all_reduce(param.grad, group=groups.edp_group if expert else None)
+            grads[name] = param.grad.clone()
+        results[case] = {"logits": output.logits.detach(), "grads": grads, "counts": model.expert_counts()}
+    results["offsets"] = {n: m.expert_offset for n, m in model.named_modules() if isinstance(m, ExpertParallelMixin)}
+    torch.save(results, out / f"rank{rank}.pt")
+    save_consolidated(model, out / "consolidated", groups, max_shard_size="100KB")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_matches_one_process(tmp_path: Path, world: int) -> None:
+    path = tmp_path / "ckpt"
+    model = write_tiny_checkpoint(path)
+    ids = batch(world)
+    expected = {"plain": reference(model, ids, world)}
+    skew_router(model)
+    expected["skewed"] = reference(model, ids, world)
+    assert (expected["skewed"]["counts"][:, 4:] == 0).all()  # rank 1 of each EP group gets nothing
+
+    check_ranks(ep_worker, world, path, tmp_path, 2)
+
+    sizes = tensor_bytes(path)
+    expert_bytes = {}
+    for key, size in sizes.items():
+        match = EXPERT_KEY.search(key)
+        if match:
+            expert_bytes[int(match.group(1))] = expert_bytes.get(int(match.group(1)), 0) + size
+    shared = sum(s for k, s in sizes.items() if not EXPERT_KEY.search(k))
+    per_rank = len(expert_bytes) // 2
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        mine = range((rank % 2) * per_rank, (rank % 2 + 1) * per_rank)
+        stats = got["stats"]
+        assert stats.experts_read == set(mine)
+        assert stats.bytes == shared + sum(expert_bytes[e] for e in mine)  # counted, every tensor read once
+        assert stats.expert_bytes == sum(expert_bytes.values()) // 2
+        rows = slice(rank * 2, (rank + 1) * 2)
+        for case in ("plain", "skewed"):
+            ref, ep = expected[case], got[case]
+            torch.testing.assert_close(ep["logits"], ref["logits"][rows], atol=ATOL, rtol=RTOL)
+            assert torch.equal(ep["counts"], ref["counts"])  # summed over ranks: the global batch's counts
+            for name, grad in ep["grads"].items():
+                want = ref["grads"][name]
+                if ".mlp.experts." in name:
+                    want = want[mine.start : mine.stop]
+                torch.testing.assert_close(grad, want, atol=ATOL, rtol=RTOL, msg=f"{case} {name}")
+
+    consolidated = tmp_path / "consolidated"
+    files = list_checkpoint_files(consolidated)
+    original = {k: v for f in set(list_checkpoint_files(path).values()) for k, v in load_file(f).items()}
+    merged = {k: v for f in set(files.values()) for k, v in load_file(f).items()}
+    assert merged.keys() == original.keys()
+    assert len(set(files.values())) > world  # several shards, written by several ranks
+    skewed_bias = {k for k in original if k.endswith("e_score_correction_bias")}
+    for key in original:
+        if key not in skewed_bias:
+            assert torch.equal(merged[key], original[key]), key
+    reloaded = DeepseekV3ForCausalLM.from_pretrained(consolidated, dtype=torch.float32, progress=False)
+    assert reloaded.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 8
+
+
+def test_ep_size_errors_are_one_sentence() -> None:
+    with pytest.raises(ParallelConfigError, match="ep_size=3 does not divide the world size 4"):
+        check_ep_size(3, 4)
+    with pytest.raises(ParallelConfigError, match="ep_size=4 does not divide n_routed_experts=6"):
+        check_ep_size(4, 8, 6)
+    with pytest.raises(ParallelConfigError, match="launch with torchrun"):
+        build_expert_parallel_groups(2)
