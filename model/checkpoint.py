@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import DeepseekV3Config, load_config
+from .fp8 import apply_fp8_storage, check_quantization_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -113,11 +114,20 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     return weight.float() * expand
 
 
-def _weight_block(config: DeepseekV3Config) -> tuple[int, int]:
+def _quantization_config(config: DeepseekV3Config) -> dict:
     quant = getattr(config, "quantization_config", None) or {}
-    quant = quant if isinstance(quant, dict) else quant.to_dict()
-    block = quant.get("weight_block_size") or (128, 128)
+    return quant if isinstance(quant, dict) else quant.to_dict()
+
+
+def _weight_block(config: DeepseekV3Config) -> tuple[int, int]:
+    block = _quantization_config(config).get("weight_block_size") or (128, 128)
     return int(block[0]), int(block[1])
+
+
+def fp8_module_names(files: dict[str, Path], config: DeepseekV3Config) -> list[str]:
+    """Model modules whose checkpoint weights carry a `_scale_inv`: the ones that stay FP8 when kept."""
+    names = {hf_key_to_internal(key, config)[0].rpartition(".")[0] for key in files if key.endswith("_scale_inv")}
+    return sorted(names)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,6 +212,9 @@ def load_state_into(
                     unexpected.append(key)
                     continue
                 tensor = handle.get_tensor(key)
+                if targets[name].dtype == torch.float8_e4m3fn and tensor.dtype != torch.float8_e4m3fn:
+                    errors.append(f"{key} is {tensor.dtype}, but its _scale_inv in the checkpoint makes it FP8 (e4m3)")
+                    continue
                 if tensor.dtype == torch.float8_e4m3fn and not targets[name].dtype == torch.float8_e4m3fn:
                     scale_key = key + "_scale_inv"
                     if scale_key not in files:
@@ -239,9 +252,9 @@ def load_state_into(
     missing = []
     for name in sorted(expected):
         slots = filled[name]
-        if name.endswith("experts.gate_up_proj"):
+        if name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_scale_inv")):
             need = {(e, p) for e in range(experts) for p in ("gate", "up")}
-        elif name.endswith("experts.down_proj"):
+        elif name.endswith(("experts.down_proj", "experts.down_proj_scale_inv")):
             need = {(e, "down") for e in range(experts)}
         else:
             need = {(None, None)}
@@ -271,9 +284,14 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     strict: bool = True,
     progress: bool = True,
+    fp8: str = "keep",
     **kwargs,
 ):
-    """Build `cls` on the meta device, allocate it once in the target dtype, and stream the checkpoint in."""
+    """Build `cls` on the meta device, allocate it once in the target dtype, and stream the checkpoint in.
+
+    FP8 checkpoints: fp8="keep" holds every tensor that has a `_scale_inv` as e4m3 codes plus scales (about
+    1 byte per weight, model.fp8); fp8="dequantize" converts them to `dtype` as fp8_cast_bf16.py does.
+    """
     if args:
         raise TypeError(f"from_pretrained takes the path and keyword options only, got extra {args!r}")
     unknown = set(kwargs) - {"low_cpu_mem_usage", "attn_implementation", "use_safetensors", "trust_remote_code"}
@@ -284,8 +302,11 @@ def load_pretrained(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
+    if fp8 not in ("keep", "dequantize"):
+        raise ValueError(f"fp8={fp8!r}: expected 'keep' (FP8 weights stay FP8) or 'dequantize'")
     config = config or load_config(path)
     target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+    quantized = fp8_module_names(list_checkpoint_files(path), config) if fp8 == "keep" else []
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(target_dtype)
@@ -293,6 +314,13 @@ def load_pretrained(
             model = cls(config)
     finally:
         torch.set_default_dtype(previous)
+    modules = dict(model.named_modules())
+    quantized = [name for name in quantized if name in modules]  # the rest is reported as unexpected below
+    if quantized:
+        scale_fmt = check_quantization_config(_quantization_config(config), str(path / "config.json"))
+        apply_fp8_storage(model, quantized, scale_fmt, compute_dtype=target_dtype)
+    elif getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # nothing stays FP8: a save must not claim the FP8 format
     model.to_empty(device=device)
     reset_nonpersistent_buffers(model)
     load_state_into(model, path, strict=strict, progress=progress)

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DeepseekV3Config
+from .moe import RoutedExperts
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 BLOCK_SIZE = 128
@@ -517,6 +520,95 @@ def fp8_grouped_mm(
     return _FrozenFP8GroupedMM.apply(x, codes, scale_inv, offsets, gate_up, quantize_activations, scale_fmt)
 
 
+class FP8RoutedExperts(RoutedExperts):
+    """Frozen routed experts holding the checkpoint's FP8 codes: gate_up_proj [E, 2I, H] and down_proj [E, H, I]
+    in e4m3 (1 byte per weight) with gate_up_proj_scale_inv [E, 2 * ceil(I/128), ceil(H/128)] (gate blocks, then
+    up blocks) and down_proj_scale_inv [E, ceil(H/128), ceil(I/128)]. Gradients reach the tokens only."""
+
+    def __init__(
+        self,
+        config: DeepseekV3Config,
+        device: torch.device | str | None = None,
+        scale_fmt: str | None = None,
+        quantize_activations: bool = True,
+    ):
+        nn.Module.__init__(self)  # skip RoutedExperts' full-precision weights
+        self.num_experts = config.n_routed_experts
+        self.scale_fmt = scale_fmt
+        self.quantize_activations = quantize_activations
+        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        for name, shape, gate_up in (
+            ("gate_up_proj", (self.num_experts, 2 * inter, hidden), True),
+            ("down_proj", (self.num_experts, hidden, inter), False),
+        ):
+            codes = torch.zeros(shape, dtype=FP8_DTYPE, device=device)
+            setattr(self, name, nn.Parameter(codes, requires_grad=False))
+            scale = torch.ones(fused_scale_shape(shape, gate_up), device=device)
+            setattr(self, _scale_name(name), nn.Parameter(scale, requires_grad=False))
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, config: DeepseekV3Config, scale_fmt: str | None = None):
+        """Quantize full-precision routed experts (tests and conversion)."""
+        fp8 = cls(config, experts.gate_up_proj.device, scale_fmt)
+        fp8.gate_up_proj.data, fp8.gate_up_proj_scale_inv.data = quantize_experts(
+            experts.gate_up_proj.detach(), True, scale_fmt
+        )
+        fp8.down_proj.data, fp8.down_proj_scale_inv.data = quantize_experts(
+            experts.down_proj.detach(), False, scale_fmt
+        )
+        return fp8
+
+    def run_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        quant, fmt = self.quantize_activations, self.scale_fmt
+        gate_up = fp8_grouped_mm(tokens, self.gate_up_proj, self.gate_up_proj_scale_inv, offsets, True, quant, fmt)
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+        return fp8_grouped_mm(F.silu(gate) * up, self.down_proj, self.down_proj_scale_inv, offsets, False, quant, fmt)
+
+    def _apply(self, fn, recurse=True):
+        names = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
+        _apply_keeping_dtype(self, fn, names)
+        kept = {n: self._parameters.pop(n) for n in names}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._parameters.update(kept)
+
+
+def apply_fp8_storage(
+    model: nn.Module,
+    module_names: Iterable[str],
+    scale_fmt: str | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    quantize_activations: bool = True,
+) -> None:
+    """Swap the named nn.Linear / RoutedExperts modules for empty FP8 ones of the same shape (meta-device builds).
+
+    The loader calls this before allocating the model, so the FP8 tensors are never materialised in BF16.
+    """
+    for name in module_names:
+        module = model.get_submodule(name)
+        device = next(module.parameters()).device
+        if isinstance(module, RoutedExperts):
+            new = FP8RoutedExperts(model.config, device, scale_fmt, quantize_activations)
+        elif isinstance(module, nn.Linear):
+            new = FP8Linear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                device,
+                scale_fmt=scale_fmt,
+                quantize_activations=quantize_activations,
+                compute_dtype=compute_dtype,
+            )
+        else:
+            raise ValueError(
+                f"{name}: a {type(module).__name__} cannot hold FP8 weights (only linear layers and experts)"
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FP8 forward for trainable weights
 
@@ -600,6 +692,27 @@ def fp8_training_grouped_mm(
     return _FP8TrainingGroupedMM.apply(x, weight, offsets, gate_up, scale_fmt)
 
 
+class FP8TrainingRoutedExperts(RoutedExperts):
+    """Trainable routed experts (same Parameters) whose grouped GEMMs run an FP8 forward."""
+
+    scale_fmt: str | None = None
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, scale_fmt: str | None = None) -> FP8TrainingRoutedExperts:
+        """Wrap experts, sharing their gate_up_proj and down_proj Parameters."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.num_experts = experts.num_experts
+        module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
+        module.scale_fmt = scale_fmt
+        return module
+
+    def run_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        gate, up = fp8_training_grouped_mm(tokens, self.gate_up_proj, offsets, True, self.scale_fmt).chunk(2, dim=-1)
+        return fp8_training_grouped_mm(F.silu(gate) * up, self.down_proj, offsets, False, self.scale_fmt)
+
+
 def module_group(name: str) -> str | None:
     """Which FP8 group a module belongs to by its name; None for what the paper keeps in BF16/FP32 (embeddings,
     output head, router, norms, MTP projection)."""
@@ -625,9 +738,8 @@ def apply_fp8_training(
 ) -> list[str]:
     """Give the trainable linear layers and fused experts of the chosen groups an FP8 forward; returns their names.
 
-    Linear layers become FP8TrainingLinear (same Parameters); modules with an `fp8_training` attribute (the fused
-    routed experts) get it set to scale_fmt's recipe. Call before building the optimizer or after: the
-    Parameters are not replaced.
+    Linear layers become FP8TrainingLinear and routed experts FP8TrainingRoutedExperts, sharing the same
+    Parameters, so the optimizer may be built before or after. Frozen FP8 modules are left alone.
     """
     groups = set(groups)
     unknown = groups - set(FP8_GROUPS)
@@ -642,9 +754,9 @@ def apply_fp8_training(
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, FP8TrainingLinear.from_linear(module, scale_fmt, backend))
             changed.append(name)
-        elif hasattr(module, "fp8_training") and not isinstance(module, FP8TrainingLinear):
-            module.fp8_training = True
-            module.fp8_scale_fmt = scale_fmt
+        elif type(module) is RoutedExperts and module.gate_up_proj.requires_grad:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, FP8TrainingRoutedExperts.from_experts(module, scale_fmt))
             changed.append(name)
     return changed
 

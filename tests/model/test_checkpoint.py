@@ -115,7 +115,9 @@ def test_fp8_checkpoint_dequantized_on_load(tmp_path: Path) -> None:
     config = ours.config.to_dict()
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32, progress=False)
+    loaded = DeepseekV3ForCausalLM.from_pretrained(
+        tmp_path, torch_dtype=torch.float32, progress=False, fp8="dequantize"
+    )
     from model.checkpoint import iter_hf_state
 
     for key, tensor in iter_hf_state(loaded):
