@@ -15,6 +15,7 @@ from .groups import (
     check_ep_size,
     register_with_deepspeed,
 )
+from .zero3 import init_distributed_cpu_aware, mark_expert_parameters, prepare_zero3_expert_parallel, zero3_config
 
 __all__ = [
     "ALL_TO_ALL_STATS",
@@ -27,6 +28,10 @@ __all__ = [
     "apply_local_fp8",
     "build_expert_parallel_groups",
     "check_ep_size",
+    "init_distributed_cpu_aware",
+    "mark_expert_parameters",
+    "prepare_zero3_expert_parallel",
+    "zero3_config",
     "load_expert_parallel",
     "load_local_state",
     "register_with_deepspeed",

@@ -1,0 +1,101 @@
+"""ZeRO-3 with our expert-parallel layer under DeepSpeed 0.19.8 (directly or through accelerate).
+
+Every parameter but the routed experts is partitioned over the whole world. Trainable expert parameters are
+partitioned over their expert-data-parallel (EDP) group only, and their gradients reduced there, through the marking
+DeepSpeed's AutoEP layer puts on its own experts (`ds_zero_placement_family="autoep_expert"`, the EDP group as
+`ds_zero_partition_process_group`, `allreduce=False`, `group_name`), with our groups registered under that name.
+Without it ZeRO-3 would flatten and average different ranks' experts together. Frozen FP8 tensors become buffers
+(finetune.parallel.apply_local_fp8): never partitioned, never cast, never sent through a float8 collective.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .expert_parallel import ExpertParallelMixin, apply_global_expert_counts, apply_local_fp8
+from .groups import ExpertParallelGroups, register_with_deepspeed
+
+
+def init_distributed_cpu_aware(timeout_minutes: int = 30) -> None:
+    """Create the default process group: nccl with GPUs, gloo without (the CPU fix accelerate needs).
+
+    accelerate 1.15 + DeepSpeed on a machine without a GPU sets num_processes=1 on every rank unless the group is
+    created with backend="gloo" first; calling this before building the Accelerator does exactly that.
+    """
+    if dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def mark_expert_parameters(model: nn.Module, groups: ExpertParallelGroups) -> int:
+    """Tag every routed-expert parameter for EDP partitioning and gradient reduction; returns how many."""
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, ExpertParallelMixin):
+            continue
+        for param in module.parameters(recurse=False):
+            param.allreduce = False
+            param.group_name = groups.name
+            param.ds_zero_placement_family = "autoep_expert"
+            param.ds_zero_partition_group_name = groups.name
+            param.ds_zero_partition_process_group = groups.edp_group
+            count += 1
+    return count
+
+
+def prepare_zero3_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> None:
+    """Everything ZeRO-3 needs on an expert-parallel model before deepspeed.initialize / accelerator.prepare."""
+    register_with_deepspeed(groups)
+    apply_local_fp8(model)
+    mark_expert_parameters(model, groups)
+    apply_global_expert_counts(model)
+
+
+def zero3_config(
+    micro_batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    gradient_clipping: float = 1.0,
+    bf16: bool = False,
+    world_size: int | None = None,
+    bucket_size: int = 50_000_000,
+    offload_optimizer: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed ZeRO-3 config the recipes ship (recipes/deepspeed/zero3_ep.json), as a dict.
+
+    gradient_clipping is always explicit: DeepSpeed 0.19.8 clips at 1.0 when the key is absent.
+    """
+    world_size = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": gradient_clipping,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": bucket_size,
+            "stage3_prefetch_bucket_size": bucket_size,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+    if offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return config
