@@ -47,3 +47,26 @@ def tensor_bytes(path: Path) -> dict[str, int]:
 
 
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn", "I64": "int64"}
+
+
+def write_fp8_checkpoint(path: Path, seed: int = 0, **overrides) -> None:
+    """A tiny model quantized as the official FP8 checkpoint: every linear projection except the router, eh_proj
+    and the heads in e4m3 with 128x128 block scales (partial edge blocks at these sizes)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from model.checkpoint import iter_hf_state
+    from model.fp8 import quantize_weight
+
+    model = build_tiny(seed, **overrides)
+    tensors = {}
+    for key, tensor in iter_hf_state(model):
+        if tensor.dim() == 2 and key.endswith(("_proj.weight", "_mqa.weight")) and "eh_proj" not in key:
+            tensors[key], tensors[key + "_scale_inv"] = quantize_weight(tensor)
+        else:
+            tensors[key] = tensor.contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps({**model.config.to_dict(), "quantization_config": quant}))

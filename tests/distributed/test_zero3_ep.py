@@ -1,6 +1,7 @@
-"""ZeRO-3 + expert parallelism under DeepSpeed on CPU (gloo): full SFT reaches the same losses, weights and router
-biases as one process on the same global batch; save -> kill -> resume is exact; the consolidated checkpoint equals
-the one-process model with every expert."""
+"""ZeRO-3 + expert parallelism under DeepSpeed on CPU (gloo): full SFT (2 and 4 processes, EP 2) reaches the same
+losses, weights and router biases as one process on the same global batch; save -> kill -> resume is exact; the
+consolidated checkpoint equals the one-process model with every expert; LoRA on an FP8 base likewise, with the FP8
+experts kept local and untouched."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from finetune.parallel import (
 from model import DeepseekV3ForCausalLM
 from model.checkpoint import iter_hf_state, list_checkpoint_files
 
-from .common import batch, write_tiny_checkpoint
+from .common import batch, write_fp8_checkpoint, write_tiny_checkpoint
 from .launch import check_ranks, run_ranks
 
 # fp32 everywhere. ZeRO-3 runs AdamW on flat fp32 partitions and sums gradients in a different order than one
@@ -118,3 +119,103 @@ def test_zero3_ep_full_sft_save_kill_resume(tmp_path: Path) -> None:
     assert all(code == -signal.SIGKILL for code in codes), codes
     check_ranks(sft_worker, world, path, killed, 2, STEPS, -1, -1)  # resumes from step 2
     check_run(killed, expected, world, 2)
+
+
+@pytest.mark.slow
+def test_zero3_ep_full_sft_four_processes(tmp_path: Path) -> None:
+    world = 4  # EP 2 x EDP 2: expert partitions and gradients reduced over the EDP group
+    path = tmp_path / "base"
+    expected = reference_run(write_tiny_checkpoint(path), world, STEPS)
+    check_ranks(sft_worker, world, path, tmp_path, 0, STEPS, -1, -1)
+    check_run(tmp_path, expected, world, 0)
+
+
+LORA_R = 8
+
+
+def lora_model(model: DeepseekV3ForCausalLM):
+    from peft import get_peft_model
+
+    from finetune.lora import build_lora_config
+
+    torch.manual_seed(5)  # the same adapter init in every process
+    return get_peft_model(model, build_lora_config(model, preset="both", r=LORA_R, alpha=16))
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def lora_reference(path: Path, world: int, steps: int) -> dict:
+    base = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+    model = lora_model(base)
+    model.train()
+    tracker = ExpertLoadTracker(base, gamma=GAMMA)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+    losses = []
+    for step in range(steps):
+        slices = [model(input_ids=r, labels=r).loss for r in step_rows(step, world).chunk(world)]
+        loss = torch.stack(slices).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)
+        opt.step()
+        tracker.update_bias()
+        losses.append([s.item() for s in slices])
+    biases = [m.gate.e_score_correction_bias.clone() for m in base.moe_layers()]
+    return {"losses": torch.tensor(losses), "lora": lora_state(model), "biases": biases}
+
+
+def lora_worker(rank: int, world: int, path: Path, out: Path, steps: int) -> None:
+    import deepspeed
+
+    from model.fp8 import FP8_DTYPE
+
+    groups = build_expert_parallel_groups(2)
+    base, _ = load_expert_parallel(DeepseekV3ForCausalLM, path, groups, dtype=torch.float32)
+    experts = base.model.layers[1].mlp.experts
+    fp8_before = experts.gate_up_proj.clone()
+    model = lora_model(base)
+    model.train()
+    prepare_zero3_expert_parallel(model, groups)
+    tracker = ExpertLoadTracker(base, gamma=GAMMA)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+    config = zero3_config(micro_batch_size=2, gradient_clipping=CLIP, world_size=world)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    losses = {}
+    for step in range(steps):
+        rows = step_rows(step, world, rank)
+        loss = engine(input_ids=rows, labels=rows).loss
+        engine.backward(loss)
+        engine.step()
+        tracker.update_bias()
+        losses[step] = loss.item()
+    # The frozen FP8 experts stayed this rank's, in FP8, bit for bit, and were never handed to ZeRO-3.
+    assert experts.gate_up_proj.dtype == FP8_DTYPE and experts.gate_up_proj.shape[0] == 4
+    assert torch.equal(experts.gate_up_proj.view(torch.uint8), fp8_before.view(torch.uint8))
+    assert not any(p.dtype == FP8_DTYPE for p in engine.module.parameters())
+    adapters = {}
+    for name, param in engine.module.named_parameters():
+        if "lora_" in name:
+            with deepspeed.zero.GatheredParameters([param]):
+                adapters[name] = param.detach().clone()
+    biases = [m.gate.e_score_correction_bias.clone() for m in base.moe_layers()]
+    torch.save({"losses": losses, "lora": adapters, "biases": biases}, out / f"lora-rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_zero3_ep_lora_on_fp8_base(tmp_path: Path) -> None:
+    world = 2
+    path = tmp_path / "fp8"
+    write_fp8_checkpoint(path)
+    expected = lora_reference(path, world, STEPS)
+    check_ranks(lora_worker, world, path, tmp_path, STEPS)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"lora-rank{rank}.pt")
+        for step, loss in got["losses"].items():
+            assert loss == pytest.approx(expected["losses"][step, rank].item(), rel=RTOL, abs=ATOL), (step, rank)
+        assert got["lora"].keys() == expected["lora"].keys() and len(got["lora"]) > 0
+        for name, value in expected["lora"].items():
+            torch.testing.assert_close(got["lora"][name], value, atol=ATOL, rtol=RTOL, msg=name)
+        for mine, want in zip(got["biases"], expected["biases"]):
+            assert torch.equal(mine, want)  # the same bias update on every rank as in one process
