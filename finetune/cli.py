@@ -1,0 +1,65 @@
+"""`python -m finetune <stage> ...`: the stage list, and one-sentence errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+
+STAGES = {
+    "sft": "supervised fine-tuning, full or LoRA (recipes/*/sft/)",
+    "dpo": "preference optimisation: DPO loss family of trl (sigmoid, ipo, hinge, robust, ...)",
+    "cpt": "continued pre-training on a domain corpus (domain adaptation)",
+    "chat": "talk to a checkpoint (base, merged, or base + adapter) in the terminal",
+    "evaluate": "exact-match accuracy on held-out chat questions and preference accuracy",
+    "demo": "the Base -> SFT -> DPO -> Chat demo on the CPU (make demo)",
+    "export": "merge a LoRA adapter into its base checkpoint (bf16, fp8) or save the adapter",
+    "plan": "memory and hardware plan for a recipe",
+}
+
+
+def available_stages() -> dict[str, str]:
+    """The stages whose module exists in this checkout."""
+    return {name: text for name, text in STAGES.items() if importlib.util.find_spec(f"finetune.{name}") is not None}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user as it is."""
+    from data_tools import DataError
+    from model import CheckpointError, ConfigError
+
+    from .config import RecipeError
+    from .trainers import TrainingDiverged
+
+    return (RecipeError, DataError, ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError)
+
+
+def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's main; a user error is printed as one line and exits 1."""
+    errors = user_errors()
+    try:
+        main(argv)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    stages = available_stages()
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = ["usage: python -m finetune <stage> --config FILE [key=value ...]", "", "stages:"]
+        lines += [f"  {name:<9} {text}" for name, text in stages.items()]
+        lines += ["", "python -m finetune <stage> --help shows a stage's options."]
+        print("\n".join(lines))
+        return
+    if argv[0] not in stages:
+        print(f"error: unknown stage {argv[0]!r}; stages: {', '.join(stages)}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(f"finetune.{argv[0]}")
+    sys.argv = [f"python -m finetune {argv[0]}", *argv[1:]]
+    run_stage(module.main, argv[1:])

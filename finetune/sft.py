@@ -1,0 +1,40 @@
+"""Supervised fine-tuning, full or LoRA, on packed chat data.
+
+python -m finetune.sft --config recipes/tiny/sft/lora.yaml [key=value ...]
+accelerate launch --config_file recipes/accelerate/single.yaml -m finetune.sft --config ...
+"""
+
+from __future__ import annotations
+
+from data_tools import DataCollator
+
+from .config import SFTStageConfig
+from .stage import apply_lora, build_data, build_model, build_tokenizer, parse_stage_args, train_and_save
+from .trainers import DeepseekSFTTrainer, LossFileCallback, trainer_kwargs
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_stage_args(SFTStageConfig, argv, "sft", __doc__)
+    tokenizer = build_tokenizer(config)
+    model = build_model(config)
+    train, evaluation = build_data(config, "sft", tokenizer, model.config.vocab_size)
+    if config.use_lora:
+        model = apply_lora(model, config)
+    callbacks = [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
+    trainer = DeepseekSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=DataCollator(pad_id=tokenizer.eos_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        **trainer_kwargs(config),
+    )
+    train_and_save(trainer, config)
+
+
+if __name__ == "__main__":
+    from .cli import run_stage
+
+    run_stage(main)

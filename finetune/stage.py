@@ -1,0 +1,122 @@
+"""The steps every stage shares: parse the recipe, build tokenizer, model, LoRA and data, train with resume, save."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from transformers import PreTrainedTokenizerBase, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from data_tools import DataRecipe, build_datasets, load_tokenizer
+from model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
+
+from .config import RecipeError, load_stage_config
+from .lora import build_lora_config
+
+_T = TypeVar("_T")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_stage_args(cls: type[_T], argv: list[str] | None, stage: str, doc: str) -> _T:
+    """`--config FILE [key=value ...]` -> the stage config."""
+    parser = argparse.ArgumentParser(prog=f"python -m finetune.{stage}", description=doc)
+    parser.add_argument("--config", help="recipe YAML (keys are the fields of the stage config)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 data.max_length=512")
+    parsed = parser.parse_args(argv)
+    return load_stage_config(cls, parsed.config, parsed.overrides)
+
+
+def model_config_values(config: Any) -> dict[str, Any]:
+    """Config overrides from the recipe plus the training fields the stage sets."""
+    return {
+        **config.model_overrides,
+        "mtp_loss_enabled": config.mtp_loss_weight > 0,
+        "mtp_loss_weight": config.mtp_loss_weight if config.mtp_loss_weight > 0 else 0.3,
+        "balance_loss_alpha": config.balance_loss_alpha,
+    }
+
+
+def build_model(config: Any) -> DeepseekV3ForCausalLM:
+    """A preset (`preset:<name>`, random init from config.seed) or a checkpoint folder, with the stage's overrides."""
+    name = config.model_name_or_path
+    dtype = DTYPES[config.torch_dtype]
+    values = model_config_values(config)
+    if name.startswith("preset:"):
+        model_config = DeepseekV3Config.from_preset(name.removeprefix("preset:"), **values)
+        set_seed(config.seed)
+        return DeepseekV3ForCausalLM(model_config).to(dtype)
+    if not (Path(name) / "config.json").is_file():
+        raise RecipeError(f"model_name_or_path={name!r} is neither preset:<name> nor a checkpoint folder")
+    model_config = load_config(name)
+    for key, value in values.items():
+        setattr(model_config, key, value)
+    return DeepseekV3ForCausalLM.from_pretrained(name, config=model_config, torch_dtype=dtype, progress=False)
+
+
+def build_tokenizer(config: Any) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer, else the checkpoint's, else the packaged DeepSeek-V3 tokenizer."""
+    path = config.tokenizer
+    if path is None and (Path(config.model_name_or_path) / "tokenizer.json").is_file():
+        path = config.model_name_or_path
+    return load_tokenizer(path)
+
+
+def build_data(
+    config: Any, task: str, tokenizer: PreTrainedTokenizerBase, vocab_size: int
+) -> tuple[Dataset, Dataset | None]:
+    """Train and eval datasets from the recipe's `data:` section, checked against the model's vocabulary."""
+    if not config.data:
+        raise RecipeError("the recipe has no data: section")
+    recipe = DataRecipe.from_dict({**config.data, "task": task})
+    if len(tokenizer) > vocab_size:
+        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
+    splits, _ = build_datasets(recipe, tokenizer)
+    return splits["train"], splits.get("eval")
+
+
+def apply_lora(model: DeepseekV3ForCausalLM, config: Any):
+    """Wrap the model with the recipe's LoRA preset (exact module names; see finetune.lora)."""
+    return get_peft_model(model, build_lora_config_from(model, config))
+
+
+def build_lora_config_from(model: DeepseekV3ForCausalLM, config: Any):
+    """The LoraConfig a stage config asks for (the MTP modules get adapters only when the MTP loss is on)."""
+    return build_lora_config(
+        model,
+        preset=config.lora_preset,
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        dense_mlp=config.lora_dense_mlp,
+        routed_experts=config.lora_routed_experts,
+        include_mtp=config.mtp_loss_weight > 0,
+    )
+
+
+def resume_checkpoint(config: Any) -> str | None:
+    """resume_from_checkpoint: a folder, or true/last/auto for the newest complete checkpoint in output_dir."""
+    value = config.resume_from_checkpoint
+    if value in (None, False, "false", "none", ""):
+        return None
+    if value in (True, "true", "last", "auto"):
+        folder = Path(config.output_dir)
+        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if last is None and value != "auto":
+            raise RecipeError(f"resume_from_checkpoint={value}: no checkpoint in {folder}")
+        return last
+    if not Path(value).is_dir():
+        raise RecipeError(f"resume_from_checkpoint={value!r} is not a folder")
+    return str(value)
+
+
+def train_and_save(trainer: Any, config: Any) -> None:
+    """Train (resuming when asked) and save the final model or adapter with the tokenizer."""
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
+    trainer.save_model(config.output_dir)
+    print(f"saved to {config.output_dir}", file=sys.stderr)

@@ -1,0 +1,234 @@
+"""trl's SFT and DPO trainers, subclassed once, with what DeepSeek-V3 training needs.
+
+- the loss is the model's own (lm + MTP + sequence-wise balance), computed only where labels need logits;
+  trl's fused LM head skips ForCausalLM.forward, so SFT calls the model itself and DPO gets a fused head that runs
+  our backbone and keeps the balance loss;
+- router bias updates (aux-loss-free balancing) and expert-load metrics (finetune.moe);
+- atomic checkpoints (written to a staging folder, then renamed) and exact resume of full models;
+- a NaN or inf loss stops the run with one clear message; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+from trl import DPOTrainer, SFTTrainer
+from trl.trainer.utils import FusedCausalLMOutput, _ChunkedLogProbFunction
+
+from model.checkpoint import load_state_into
+from model.modeling import DeepseekV3PreTrainedModel
+
+from .moe import ExpertLoadTracker
+
+CHUNK_SIZE = 4096
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+def unwrap_base(model: torch.nn.Module) -> torch.nn.Module:
+    """Our DeepseekV3ForCausalLM under peft / accelerate wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+class LossFileCallback(TrainerCallback):
+    """Appends every log record (with its step) to a JSON-lines file: the demo's plots and the resume test read it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class MoETrainerMixin:
+    """Shared by our SFT and DPO trainers (placed before the trl class in the bases)."""
+
+    def setup_moe(self, router_bias_gamma: float, router_bias_update: str) -> None:
+        """Track expert load; update the router bias after each optimizer step when the router trains."""
+        base = unwrap_base(self.model)
+        routers_train = any(m.gate.weight.requires_grad for m in base.moe_layers())
+        update = router_bias_update == "always" or (router_bias_update == "auto" and routers_train)
+        self.expert_load = ExpertLoadTracker(base, gamma=router_bias_gamma if update else 0.0)
+        self.add_callback(self.expert_load.callback())
+        self._extra_losses: dict[str, list[float]] = {}
+
+    def record_extra(self, name: str, value: torch.Tensor | None) -> None:
+        if value is not None and self.model.training:
+            self._extra_losses.setdefault(name, []).append(float(value.detach()))
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf training loss before it reaches the weights (the last checkpoint stays good)."""
+        if self.model.training and not torch.isfinite(loss.detach()).all():
+            last = self.state.global_step
+            raise TrainingDiverged(
+                f"the training loss became {float(loss.detach())} at step {last + 1}; stopped before the update "
+                f"(the last saved checkpoint in {self.args.output_dir} is intact: lower the learning rate or check "
+                "the data, then resume from it)"
+            )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            for name, values in self._extra_losses.items():
+                logs[name] = sum(values) / len(values)
+            self._extra_losses = {}
+            logs.update(self.expert_load.metrics())
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into output_dir/.staging, then rename it into place: a kill never leaves a half one."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, ".staging")
+        shutil.rmtree(staging_root, ignore_errors=True)
+        os.makedirs(staging_root, exist_ok=True)
+        limit = self.args.save_total_limit
+        self.args.output_dir, real = staging_root, self.args.output_dir
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = real, limit
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Full models are saved in the HF layout (per-expert keys): load them with our loader."""
+        model = self.model if model is None else model
+        if isinstance(model, DeepseekV3PreTrainedModel):
+            load_state_into(model, Path(resume_from_checkpoint), progress=False)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+class DeepseekSFTTrainer(MoETrainerMixin, SFTTrainer):
+    """SFT and continued pre-training: the model's own loss on packed rows (lm + MTP + balance)."""
+
+    def __init__(self, *args, router_bias_gamma: float = 0.001, router_bias_update: str = "auto", **kwargs):
+        args_ = kwargs.get("args")
+        args_.dataset_kwargs = {**(args_.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        args_.router_aux_loss_coef = 0.0
+        super().__init__(*args, **kwargs)
+        base = unwrap_base(self.model)
+        base.__dict__.pop("forward", None)  # drop trl's fused head: our forward computes logits only where needed
+        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in inputs}
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**kwargs, use_cache=False, return_logits=return_outputs)
+        loss = outputs.loss
+        self.check_finite(loss)
+        self.record_extra("lm_loss", outputs.lm_loss if outputs.mtp_loss is not None else None)
+        self.record_extra("mtp_loss", outputs.mtp_loss)
+        self.record_extra("balance_loss", outputs.balance_loss)
+        if self.model.training:
+            tokens = inputs["input_ids"].numel() if "attention_mask" not in inputs else inputs["attention_mask"].sum()
+            self._total_train_tokens += int(tokens)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+def add_fused_lm_head(model: DeepseekV3PreTrainedModel, outputs: tuple[str, ...]) -> None:
+    """trl's fused LM-head forward (per-token log-probs at labelled positions) over our backbone.
+
+    `model(..., labels=labels, fused_lm_head=True)` returns trl's FusedCausalLMOutput; aux_loss holds the balance
+    loss of that call (None when off). Without fused_lm_head the model's own forward runs.
+    """
+    original_forward = type(model).forward
+
+    def _fused_forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return original_forward(self, *args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs.pop("use_cache", None)
+        hidden, _ = self.model(*args, use_cache=False, **kwargs)  # [B, S, H]
+        balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+        mask = labels != -100
+        weight = self.lm_head.weight
+        per_token = _ChunkedLogProbFunction.apply(
+            hidden[mask], weight, None, labels[mask], 1.0, CHUNK_SIZE, None, 1.0, outputs
+        )
+        per_token = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = per_token
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        aux_loss = torch.stack(balance).sum() if balance else None
+        if torch.is_grad_enabled():
+            self.policy_balance_loss = aux_loss  # the reference forward (no grad) must not replace it
+        return FusedCausalLMOutput(
+            loss=loss,
+            log_probs=log_probs,
+            entropy=entropy,
+            log_sum_sq_probs=log_sum_sq_probs,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
+            aux_loss=aux_loss,
+        )
+
+    model.forward = types.MethodType(_fused_forward, model)
+
+
+class DeepseekDPOTrainer(MoETrainerMixin, DPOTrainer):
+    """trl's DPO loss family on our model; with LoRA the reference is the adapter-disabled policy (no second copy)."""
+
+    def __init__(self, *args, router_bias_gamma: float = 0.001, router_bias_update: str = "auto", **kwargs):
+        kwargs["args"].router_aux_loss_coef = 0.0
+        super().__init__(*args, **kwargs)
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        if self.use_weighting:
+            outputs += ("log_sum_sq_probs",)
+        add_fused_lm_head(unwrap_base(self.model), outputs)
+        if self.ref_model is not None:
+            add_fused_lm_head(unwrap_base(self.ref_model), ("log_probs",))
+        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """data_tools already wrote prompt_ids/chosen_ids/rejected_ids: trl would re-tokenize from text."""
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        base = unwrap_base(self.model)
+        base.policy_balance_loss = None
+        result = super()._compute_loss(model, inputs, return_outputs)
+        loss = result[0] if return_outputs else result
+        if self.model.training and base.policy_balance_loss is not None:
+            loss = loss + base.policy_balance_loss
+            self.record_extra("balance_loss", base.policy_balance_loss)
+        self.check_finite(loss)
+        return (loss, result[1]) if return_outputs else loss
+
+
+def trainer_kwargs(config: Any) -> dict[str, Any]:
+    """The MoE options every trainer takes from a stage config."""
+    return dict(router_bias_gamma=config.router_bias_gamma, router_bias_update=config.router_bias_update)
