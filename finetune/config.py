@@ -6,6 +6,7 @@ data_tools.pipeline.DataRecipe). `key=value` arguments on the command line overr
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import sys
 from dataclasses import dataclass, field, fields
@@ -123,6 +124,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise RecipeError(f"expected key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)  # YAML 1.1 reads 3e-4 as a string
         if key.startswith("data."):
             values.setdefault("data", {})[key[5:]] = value
         else:

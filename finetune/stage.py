@@ -117,6 +117,10 @@ def resume_checkpoint(config: Any) -> str | None:
 
 def train_and_save(trainer: Any, config: Any) -> None:
     """Train (resuming when asked) and save the final model or adapter with the tokenizer."""
+    if hasattr(trainer.model, "peft_config") and not config.model_name_or_path.startswith("preset:"):
+        # peft records the base only from a model's __dict__; the adapter must name its base to be loadable alone.
+        for peft_config in trainer.model.peft_config.values():
+            peft_config.base_model_name_or_path = str(Path(config.model_name_or_path).absolute())
     trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     trainer.save_model(config.output_dir)
     print(f"saved to {config.output_dir}", file=sys.stderr)

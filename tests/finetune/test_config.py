@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.cli import available_stages
+from finetune.config import (
+    CPTStageConfig,
+    DPOStageConfig,
+    RecipeError,
+    SFTStageConfig,
+    build_stage_config,
+    load_stage_config,
+    parse_overrides,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGE_CLASSES = {"sft": SFTStageConfig, "dpo": DPOStageConfig, "cpt": CPTStageConfig}
+
+
+def all_recipes() -> list[Path]:
+    return sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name in STAGE_CLASSES)
+
+
+def test_recipes_exist():
+    stages = {p.parent.name for p in all_recipes()}
+    assert stages == {"sft", "dpo", "cpt"}
+    assert any("deepseek-v3-671b" in str(p) for p in all_recipes())
+
+
+@pytest.mark.parametrize("path", all_recipes(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_loads(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "finetune." in first, "the first line is the command that runs the recipe"
+    config = load_stage_config(STAGE_CLASSES[path.parent.name], path)
+    assert config.data.get("sources"), "every recipe names its data"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_yaml_parses(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(RecipeError, match="did you mean 'learning_rate'"):
+        build_stage_config(SFTStageConfig, {"learning_rat": 1e-4})
+
+
+def test_bad_values():
+    with pytest.raises(RecipeError, match="lora_preset"):
+        build_stage_config(SFTStageConfig, {"lora_preset": "experts"})
+    with pytest.raises(RecipeError, match="torch_dtype"):
+        build_stage_config(SFTStageConfig, {"torch_dtype": "fp16"})
+    with pytest.raises(RecipeError, match="no such recipe"):
+        load_stage_config(SFTStageConfig, "nope.yaml")
+
+
+def test_overrides(tmp_path):
+    assert parse_overrides(["learning_rate=3e-4", "use_lora=true", "data.max_length=128", "loss_type=[ipo]"]) == {
+        "learning_rate": 3e-4,
+        "use_lora": True,
+        "data": {"max_length": 128},
+        "loss_type": ["ipo"],
+    }
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1.0e-4\ndata: {sources: [a.jsonl], max_length: 64}\n")
+    config = load_stage_config(DPOStageConfig, recipe, ["data.max_length=32", "loss_type=ipo"])
+    assert config.data == {"sources": ["a.jsonl"], "max_length": 32}
+    assert config.loss_type == ["ipo"] and config.learning_rate == 1e-4
+    assert config.report_to == ["tensorboard"] and not config.activation_checkpointing
+
+
+def test_cli_lists_stages_and_fails_in_one_line(tmp_path):
+    assert {"sft", "dpo", "cpt", "chat"} <= set(available_stages())
+    out = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "sft" in out.stdout and "dpo" in out.stdout and "cpt" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lerning_rate: 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune.sft", "--config", str(bad)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in out.stderr
+    assert "did you mean 'learning_rate'" in out.stderr

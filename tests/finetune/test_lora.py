@@ -1,0 +1,71 @@
+import pytest
+import torch
+from peft import get_peft_model
+
+from finetune.lora import adapted_module_names, build_lora_config, exact_targets
+from model import DeepseekV3Config, DeepseekV3ForCausalLM
+
+ATTN = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+SHARED = {"mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"}
+DENSE = {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+def tiny(**overrides) -> DeepseekV3ForCausalLM:
+    torch.manual_seed(0)
+    return DeepseekV3ForCausalLM(DeepseekV3Config.from_preset("tiny", **overrides))
+
+
+def expected(num_layers=3, first_dense=1, attention=ATTN, shared=True, dense=False) -> set[str]:
+    names = set()
+    for i in range(num_layers):
+        names |= {f"model.layers.{i}.self_attn.{n}" for n in attention}
+        if i >= first_dense and shared:
+            names |= {f"model.layers.{i}.{n}" for n in SHARED}
+        if i < first_dense and dense:
+            names |= {f"model.layers.{i}.{n}" for n in DENSE}
+    return names
+
+
+@pytest.mark.parametrize(
+    "preset,kwargs,want",
+    [
+        ("both", {}, expected()),
+        ("attention", {}, expected(shared=False)),
+        ("shared_experts", {}, expected(attention=set())),
+        ("both", {"dense_mlp": True}, expected(dense=True)),
+    ],
+)
+def test_exact_wrapped_modules(preset, kwargs, want):
+    model = get_peft_model(tiny(), build_lora_config(tiny(), preset, r=4, **kwargs))
+    wrapped = adapted_module_names(model)
+    assert wrapped == want
+    assert not any("experts.gate_up_proj" in n or n.endswith("mlp.experts") for n in wrapped)
+
+
+def test_q_proj_without_q_lora_rank():
+    model = tiny(q_lora_rank=None)
+    wrapped = adapted_module_names(get_peft_model(model, build_lora_config(model, "attention", r=4)))
+    assert wrapped == expected(attention=(ATTN - {"q_a_proj", "q_b_proj"}) | {"q_proj"}, shared=False)
+
+
+def test_routed_experts_opt_in_and_mtp():
+    model = tiny()
+    config = build_lora_config(model, "both", r=4, routed_experts=True, include_mtp=True)
+    wrapped = adapted_module_names(get_peft_model(model, config))
+    assert {"model.layers.1.mlp.experts", "model.mtp.0.mlp.experts"} <= wrapped
+    assert "model.mtp.0.mlp.shared_experts.up_proj" in wrapped and "model.layers.2.self_attn.o_proj" in wrapped
+
+
+def test_peft_conversion_would_move_targets_without_the_guard():
+    """The trap: on a deepseek_v3 model peft turns gate/up/down targets into routed-expert parameters."""
+    from transformers import DeepseekV3Config as HFConfig
+    from transformers import DeepseekV3ForCausalLM as HFModel
+
+    hf = HFModel(HFConfig(**{k: v for k, v in DeepseekV3Config.from_preset("tiny").to_dict().items()}))
+    lora = build_lora_config(tiny(), "shared_experts", r=4)
+    with exact_targets(lora):
+        wrapped = adapted_module_names(get_peft_model(hf, lora))
+    assert wrapped == expected(attention=set())
+    hf2 = HFModel(HFConfig(**{k: v for k, v in DeepseekV3Config.from_preset("tiny").to_dict().items()}))
+    moved = adapted_module_names(get_peft_model(hf2, build_lora_config(tiny(), "shared_experts", r=4)))
+    assert not any("shared_experts" in n for n in moved)  # peft's rewrite, what exact_targets prevents
