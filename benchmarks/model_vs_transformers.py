@@ -81,11 +81,12 @@ def load(kind: str, checkpoint: str, dtype_name: str):
     return model.train()
 
 
-def make_step(model, ids):
-    """One training step's forward+backward, as a trainer runs it (ours skips returning full logits)."""
+def make_step(model, ids, return_logits: bool = False):
+    """One training step's forward+backward. Ours skips returning full logits unless asked (trainers only need
+    the loss, whose logits it still computes); transformers always returns them."""
     from model import DeepseekV3ForCausalLM
 
-    kwargs = {"return_logits": False} if isinstance(model, DeepseekV3ForCausalLM) else {}
+    kwargs = {"return_logits": return_logits} if isinstance(model, DeepseekV3ForCausalLM) else {}
 
     def step() -> float:
         start = time.perf_counter()
@@ -102,7 +103,12 @@ def speed(checkpoint: str, dtype_name: str, steps: int) -> dict:
 
     torch.manual_seed(0)
     ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
-    runs = {kind: make_step(load(kind, checkpoint, dtype_name), ids) for kind in ("transformers", "ours")}
+    ours = load("ours", checkpoint, dtype_name)
+    runs = {
+        "transformers": make_step(load("transformers", checkpoint, dtype_name), ids),
+        "ours": make_step(ours, ids),
+        "ours+logits": make_step(ours, ids, return_logits=True),
+    }
     times = {kind: [] for kind in runs}
     for step in runs.values():
         step()  # warm-up
@@ -184,6 +190,11 @@ def main() -> None:
                     f"{r['peak_over_weights_and_grads'] / 1e6:8.0f}"
                 )
             ratio = step_s["transformers"] / step_s["ours"]
+            print(
+                f"{dtype:>9} {'ours+logits':>13} {step_s['ours+logits']:8.3f} {BATCH * SEQ / step_s['ours+logits']:9.0f}"
+                f"   (ours also returning the full logits, as transformers does: x"
+                f"{step_s['transformers'] / step_s['ours+logits']:.2f})"
+            )
             memory = results["ours"]["peak_rss"] / results["transformers"]["peak_rss"]
             print(f"{dtype:>9} ratio ours/transformers: tokens/s x{ratio:.2f}, peak RSS x{memory:.2f}")
 
