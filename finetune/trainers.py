@@ -58,8 +58,15 @@ class LossFileCallback(TrainerCallback):
 class MoETrainerMixin:
     """Shared by our SFT and DPO trainers (placed before the trl class in the bases)."""
 
-    def setup_moe(self, router_bias_gamma: float, router_bias_update: str) -> None:
-        """Track expert load; update the router bias after each optimizer step when the router trains."""
+    def setup_moe(self, router_bias_gamma: float | None, router_bias_update: str | None) -> None:
+        """Track expert load; update the router bias after each optimizer step when the router trains.
+
+        Unset options come from the stage config (self.args) when it has them.
+        """
+        if router_bias_gamma is None:
+            router_bias_gamma = getattr(self.args, "router_bias_gamma", 0.001)
+        if router_bias_update is None:
+            router_bias_update = getattr(self.args, "router_bias_update", "auto")
         base = unwrap_base(self.model)
         routers_train = any(m.gate.weight.requires_grad for m in base.moe_layers())
         update = router_bias_update == "always" or (router_bias_update == "auto" and routers_train)
@@ -128,7 +135,7 @@ class MoETrainerMixin:
 class DeepseekSFTTrainer(MoETrainerMixin, SFTTrainer):
     """SFT and continued pre-training: the model's own loss on packed rows (lm + MTP + balance)."""
 
-    def __init__(self, *args, router_bias_gamma: float = 0.001, router_bias_update: str = "auto", **kwargs):
+    def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
         args_ = kwargs.get("args")
         args_.dataset_kwargs = {**(args_.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args_.router_aux_loss_coef = 0.0
@@ -199,7 +206,7 @@ def add_fused_lm_head(model: DeepseekV3PreTrainedModel, outputs: tuple[str, ...]
 class DeepseekDPOTrainer(MoETrainerMixin, DPOTrainer):
     """trl's DPO loss family on our model; with LoRA the reference is the adapter-disabled policy (no second copy)."""
 
-    def __init__(self, *args, router_bias_gamma: float = 0.001, router_bias_update: str = "auto", **kwargs):
+    def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
         kwargs["args"].router_aux_loss_coef = 0.0
         super().__init__(*args, **kwargs)
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
