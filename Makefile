@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 demo: $(STAMP)
-	$(BIN)/python -m model.smoke
+	$(BIN)/python -m finetune.demo --out outputs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
