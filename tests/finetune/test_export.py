@@ -22,6 +22,7 @@ from finetune.export import (
     convert_checkpoint,
     export_adapter,
     export_merged,
+    main,
     read_header,
 )
 from model import DeepseekV3ForCausalLM
@@ -417,10 +418,11 @@ def test_bad_inputs_fail_before_writing(setup, tmp_path: Path) -> None:
 
 def test_cli_prints_one_line_errors_and_exports(setup, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "finetune.export", "--base", str(setup["base"]), "--out", str(tmp_path / "x")]
-    bad = subprocess.run([*command, "--format", "adapter"], capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 1 and bad.stderr.strip() == "error: --format adapter needs --adapter DIR"
+    with pytest.raises(ExportError, match="--format adapter needs --adapter DIR"):
+        main(["--base", str(setup["base"]), "--out", str(tmp_path / "x"), "--format", "adapter"])
     bad = subprocess.run([*command, "--adapter", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "adapter_config.json" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: ")
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"name": "Tiny Chat", "data": ["demo chats"], "evaluation": {"exact match": 0.5}}))
     good = subprocess.run(
