@@ -5,7 +5,8 @@
 Writes a multi-shard BF16 DeepSeek-V3-architecture checkpoint of about --gb GB (random weights, real key layout,
 MTP layer included) and a rank-16 LoRA adapter on attention, shared experts and the dense MLP, then runs each
 approach in its own subprocess so each peak RSS (ru_maxrss) is its own:
-- streamed: export_merged(base, adapter, out, "bf16") (and "fp8" with --fp8);
+- streamed: export_merged(base, adapter, out, "bf16"); with --fp8 also the BF16 -> FP8 converter (quantizes every
+  weight) and an FP8 merge from that FP8 base (re-quantizes only the touched weights), with delta survival;
 - naive: DeepseekV3ForCausalLM.from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained.
 Target for the streamed merge: peak RSS <= 2 x the largest shard + the adapter.
 """
@@ -136,8 +137,10 @@ import json, sys, time
 from finetune.export import export_merged
 baseline = peak()
 start = time.perf_counter()
-result = export_merged(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], progress=False)
+result = export_merged(sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4], progress=False)
+kept = sorted(s.kept for s in result.fp8.values())
 print(json.dumps({"seconds": time.perf_counter() - start, "bytes": result.bytes_written, "baseline": baseline,
+                  "kept": [kept[0], kept[len(kept) // 2]] if kept else None,
                   "peak_rss": peak()}))
 """
 )
@@ -176,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=3.0, help="checkpoint size in GB (default 3)")
     parser.add_argument("--shard-mb", type=int, default=500, help="shard size in MB (default 500)")
-    parser.add_argument("--fp8", action="store_true", help="also time a streamed FP8 export (quantizes everything)")
+    parser.add_argument("--fp8", action="store_true", help="also time the BF16 -> FP8 converter and an FP8 merge")
     parser.add_argument("--no-naive", action="store_true", help="skip the load-all baseline (it needs the RAM)")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args()
@@ -193,12 +196,17 @@ def main() -> None:
             f"written in {time.perf_counter() - start:.0f} s"
         )
         target = 2 * largest + adapter
-        runs = [("streamed bf16", STREAMED, "bf16")] + ([("streamed fp8", STREAMED, "fp8")] if args.fp8 else [])
         results = {}
-        for label, script, fmt in runs:
-            out = work / f"out-{fmt}"
-            results[label] = run(script, str(work / "base"), str(work / "adapter"), str(out), fmt)
-            shutil.rmtree(out)
+        results["streamed bf16 merge"] = run(
+            STREAMED, str(work / "base"), str(work / "adapter"), str(work / "o"), "bf16"
+        )
+        shutil.rmtree(work / "o")
+        if args.fp8:
+            results["converter bf16 -> fp8"] = run(STREAMED, str(work / "base"), "", str(work / "base-fp8"), "fp8")
+            results["streamed fp8 merge (fp8 base)"] = run(
+                STREAMED, str(work / "base-fp8"), str(work / "adapter"), str(work / "o"), "fp8"
+            )
+            shutil.rmtree(work / "o")
         if not args.no_naive:
             results["naive peft merge_and_unload"] = run(
                 NAIVE, str(work / "base"), str(work / "adapter"), str(work / "n")
@@ -214,7 +222,12 @@ def main() -> None:
                 f"{label:<30} {r['peak_rss'] / 1e9:>7.2f}GB {r['work'] / 1e9:>12.2f}GB "
                 f"{r['work'] / largest:>16.2f} {r['seconds']:>7.1f} {mb_s:>6.0f}"
             )
-        streamed = results["streamed bf16"]
+        for label, r in results.items():
+            if r.get("kept"):
+                print(
+                    f"{label}: LoRA delta kept by FP8 re-quantization: min {r['kept'][0]:.3f}, median {r['kept'][1]:.3f}"
+                )
+        streamed = results["streamed bf16 merge"]
         verdict = "meets" if streamed["work"] <= target else "MISSES"
         print(f"target 2 x largest shard + adapter = {target / 1e9:.2f} GB above imports: streamed bf16 {verdict} it")
         if "naive peft merge_and_unload" in results:
