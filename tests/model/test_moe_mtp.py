@@ -163,3 +163,28 @@ def test_balance_loss_changes_router_weights_only_when_enabled() -> None:
     moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
     assert counts.shape == (moe_layers, model.config.n_routed_experts)
     assert (counts.sum(-1) == 2 * 12 * model.config.num_experts_per_tok).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_trainable", [True, False])
+def test_fused_linear_cross_entropy_equals_unfused(dtype: torch.dtype, head_trainable: bool) -> None:
+    from model.modeling import IGNORE_INDEX, head_loss
+
+    torch.manual_seed(5)
+    head = torch.nn.Linear(32, 1000, bias=False).to(dtype)
+    head.weight.requires_grad_(head_trainable)
+    hidden = torch.randn(3, 50, 32, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 1000, (3, 50))
+    targets[:, :7] = IGNORE_INDEX
+    fused = head_loss(hidden, head, targets)  # the fused path: a plain Linear and a gradient wanted
+    keep = targets != IGNORE_INDEX
+    reference = torch.nn.functional.cross_entropy(head(hidden[keep]).float(), targets[keep])
+    grads = torch.autograd.grad(fused * 3.0, [hidden] + ([head.weight] if head_trainable else []))
+    ref_grads = torch.autograd.grad(reference * 3.0, [hidden] + ([head.weight] if head_trainable else []))
+    # fp32: rounding only. bf16: the gradient is rounded to bf16 once (unfused: the logits are rounded instead).
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, reference, rtol=tol, atol=tol)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+    with torch.no_grad():  # no backward: the plain path, same value
+        torch.testing.assert_close(head_loss(hidden, head, targets), reference, rtol=tol, atol=tol)
