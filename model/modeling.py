@@ -152,20 +152,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_weight = torch.empty_like(weight, dtype=torch.float32) if want_weight else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]  # [C, H], [C]
-            logits = (h @ weight.T).float()  # [C, V]
-            lse = torch.logsumexp(logits, dim=-1)
+            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # [C, V]
             rows = torch.arange(len(t), device=t.device)
-            total += (lse - logits[rows, t]).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax
+            total -= logp[rows, t].sum()
+            grad = logp.exp_()  # softmax
             grad[rows, t] -= 1.0
             grad = grad.to(hidden.dtype)
             if want_hidden:
                 grad_hidden[start : start + chunk] = grad @ weight
             if want_weight:
-                grad_weight.addmm_(grad.T.float(), h.float())
+                if start == 0:
+                    torch.mm(grad.T.float(), h.float(), out=grad_weight)
+                else:
+                    grad_weight.addmm_(grad.T.float(), h.float())
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

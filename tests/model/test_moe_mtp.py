@@ -56,9 +56,9 @@ def test_fused_experts_equal_per_expert_loop(skewed: bool) -> None:
     x = torch.randn(30, config.hidden_size, requires_grad=True)
     indices = torch.stack([torch.randperm(config.n_routed_experts)[:2] for _ in range(30)])
     if skewed:
-        indices[:, 0] = 3  # one expert takes every token, some take none: the grouped-GEMM path
+        indices[:, 0] = 3  # one expert takes every token, some take none
     else:
-        indices = torch.arange(60).view(30, 2) % config.n_routed_experts  # balanced: the padded-batch path
+        indices = torch.arange(60).view(30, 2) % config.n_routed_experts  # balanced load
     weights = torch.rand(30, 2)
     out = experts(x, indices, weights)
     inter = config.moe_intermediate_size
