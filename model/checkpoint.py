@@ -302,31 +302,39 @@ def load_pretrained(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
-    if fp8 not in ("keep", "dequantize"):
-        raise ValueError(f"fp8={fp8!r}: expected 'keep' (FP8 weights stay FP8) or 'dequantize'")
     config = config or load_config(path)
     target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
-    quantized = fp8_module_names(list_checkpoint_files(path), config) if fp8 == "keep" else []
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(target_dtype)
-        with torch.device("meta"):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    modules = dict(model.named_modules())
-    quantized = [name for name in quantized if name in modules]  # the rest is reported as unexpected below
-    if quantized:
-        scale_fmt = check_quantization_config(_quantization_config(config), str(path / "config.json"))
-        apply_fp8_storage(model, quantized, scale_fmt, compute_dtype=target_dtype)
-    elif getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # nothing stays FP8: a save must not claim the FP8 format
+    model = build_meta_model(cls, config, path, list_checkpoint_files(path), target_dtype, fp8)
     model.to_empty(device=device)
     reset_nonpersistent_buffers(model)
     load_state_into(model, path, strict=strict, progress=progress)
     model.config.dtype = target_dtype
     model.config._name_or_path = str(path)
     model.eval()
+    return model
+
+
+def build_meta_model(
+    cls, config: DeepseekV3Config, path: Path, files: dict[str, Path], dtype: torch.dtype, fp8: str
+) -> torch.nn.Module:
+    """`cls` on the meta device in `dtype`; with fp8="keep", modules whose weights carry a scale become FP8."""
+    if fp8 not in ("keep", "dequantize"):
+        raise ValueError(f"fp8={fp8!r}: expected 'keep' (FP8 weights stay FP8) or 'dequantize'")
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    modules = dict(model.named_modules())
+    quantized = fp8_module_names(files, config) if fp8 == "keep" else []
+    quantized = [name for name in quantized if name in modules]  # the rest is reported as unexpected on load
+    if quantized:
+        scale_fmt = check_quantization_config(_quantization_config(config), str(path / "config.json"))
+        apply_fp8_storage(model, quantized, scale_fmt, compute_dtype=dtype)
+    elif getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # nothing stays FP8: a save must not claim the FP8 format
     return model
 
 

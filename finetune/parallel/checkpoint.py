@@ -26,10 +26,9 @@ from model.checkpoint import (
     INDEX_NAME,
     CheckpointError,
     _parse_size,
-    _quantization_config,
     _weight_block,
+    build_meta_model,
     dequantize_fp8_block,
-    fp8_module_names,
     hf_key_to_internal,
     internal_to_hf,
     list_checkpoint_files,
@@ -37,7 +36,7 @@ from model.checkpoint import (
     resolve_dtype,
 )
 from model.config import DeepseekV3Config, load_config
-from model.fp8 import FP8_DTYPE, apply_fp8_storage, check_quantization_config
+from model.fp8 import FP8_DTYPE
 
 from .expert_parallel import ExpertParallelMixin, apply_expert_parallel
 from .groups import ExpertParallelGroups
@@ -74,26 +73,10 @@ def load_expert_parallel(
 ) -> tuple[nn.Module, ReadStats]:
     """Build `cls` with this rank's experts only and stream in the tensors it holds; returns (model, ReadStats)."""
     path = Path(path)
-    if fp8 not in ("keep", "dequantize"):
-        raise ValueError(f"fp8={fp8!r}: expected 'keep' (FP8 weights stay FP8) or 'dequantize'")
     config = config or load_config(path)
     files = list_checkpoint_files(path)
     target_dtype = resolve_dtype(dtype, config)
-    quantized = fp8_module_names(files, config) if fp8 == "keep" else []
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(target_dtype)
-        with torch.device("meta"):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    modules = dict(model.named_modules())
-    quantized = [name for name in quantized if name in modules]
-    if quantized:
-        scale_fmt = check_quantization_config(_quantization_config(config), str(path / "config.json"))
-        apply_fp8_storage(model, quantized, scale_fmt, compute_dtype=target_dtype)
-    elif getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
+    model = build_meta_model(cls, config, path, files, target_dtype, fp8)
     apply_expert_parallel(model, groups)
     model.to_empty(device="cpu")
     reset_nonpersistent_buffers(model)
