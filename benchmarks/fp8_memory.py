@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from model.checkpoint import iter_hf_state  # noqa: E402
-from model.fp8 import quantize_weight  # noqa: E402
+from model.fp8 import is_official_fp8_weight, quantize_weight  # noqa: E402
 
 QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
@@ -41,7 +41,7 @@ def write_checkpoint(path: Path, preset: str, vocab: int) -> None:
         model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
     tensors = {}
     for key, tensor in iter_hf_state(model):
-        if tensor.dim() == 2 and key.endswith(("_proj.weight", "_mqa.weight")) and "eh_proj" not in key:
+        if is_official_fp8_weight(key):
             tensors[key], tensors[key + "_scale_inv"] = quantize_weight(tensor)
         else:
             tensors[key] = tensor.contiguous()

@@ -29,7 +29,13 @@ from tqdm.auto import tqdm
 
 from model import CheckpointError, ConfigError, DeepseekV3Config, load_config
 from model.checkpoint import INDEX_NAME, copy_tokenizer_files, hf_key_to_internal, list_checkpoint_files
-from model.fp8 import BLOCK_SIZE, check_quantization_config, dequantize_weight, quantize_weight
+from model.fp8 import (
+    BLOCK_SIZE,
+    check_quantization_config,
+    dequantize_weight,
+    is_official_fp8_weight,
+    quantize_weight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +49,6 @@ FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic",
     "weight_block_size": [BLOCK_SIZE, BLOCK_SIZE],
 }
-# Weights the official FP8 checkpoint stores as e4m3 (everything else: embeddings, heads, norms, router, eh_proj and
-# the MTP norms stays BF16/FP32). Used only when the base has no FP8 tensor to copy the choice from.
-QUANTIZED_WEIGHT = re.compile(
-    r".*\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$"
-)
 # Files of the base folder that the export writes itself or must not carry over.
 NOT_COPIED = re.compile(r"(model.*\.safetensors|.*\.index\.json|README\.md|.*\.(bin|pt|pth|gguf)|\..*)$")
 DEFAULT_FP8_WARN_BELOW = 0.5
@@ -386,7 +386,8 @@ def plan_shards(
         delta = deltas.get(key)
         entry = Entry(key, info.dtype, info.shape, info, scale, delta)
         if fmt == "fp8":
-            quantized = info.dtype == "F8_E4M3" if base_has_fp8 else bool(QUANTIZED_WEIGHT.match(key))
+            # Without FP8 tensors in the base, quantize exactly where the official checkpoint does.
+            quantized = info.dtype == "F8_E4M3" if base_has_fp8 else is_official_fp8_weight(key)
             # An untouched FP8 tensor keeps its codes and scale byte for byte; anything else quantized is recomputed.
             entry.quantize = quantized and (delta is not None or info.dtype != "F8_E4M3")
             entry.dtype = "F8_E4M3" if quantized else info.dtype

@@ -87,6 +87,7 @@ def count_params(config: Any, layout: Layout) -> ParamCensus:
     import torch
 
     from model import DeepseekV3ForCausalLM
+    from model.fp8 import is_official_fp8_weight
     from model.moe import RoutedExperts
 
     from .lora import lora_module_names
@@ -97,7 +98,7 @@ def count_params(config: Any, layout: Layout) -> ParamCensus:
     for name, param in model.named_parameters():
         if ".mlp.experts." in name:
             census.experts += param.numel()
-        elif param.dim() == 2 and name.endswith(("_proj.weight", "_mqa.weight")) and "eh_proj" not in name:
+        elif is_official_fp8_weight(name):
             census.fp8_able += param.numel()
         else:
             census.other += param.numel()
@@ -110,9 +111,8 @@ def count_params(config: Any, layout: Layout) -> ParamCensus:
         if isinstance(module, RoutedExperts) or any(True for _ in module.children()):
             continue
         size = sum(p.numel() for n, p in module.named_parameters(recurse=False))
-        if frozen_fp8 and isinstance(module, torch.nn.Linear) and name.endswith(("_proj", "_mqa")):
-            if "eh_proj" not in name:
-                continue  # a replicated FP8 buffer, never gathered
+        if frozen_fp8 and isinstance(module, torch.nn.Linear) and is_official_fp8_weight(name + ".weight"):
+            continue  # a replicated FP8 buffer, never gathered
         census.largest_partitioned = max(census.largest_partitioned, size)
     if layout.lora:
         modules = dict(model.named_modules())

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -26,6 +27,19 @@ from .moe import RoutedExperts
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 BLOCK_SIZE = 128
+# Weights the official FP8 checkpoint stores as e4m3 (checkpoint or model names); everything else (embeddings,
+# heads, norms, router, eh_proj, the MTP norms) stays BF16/FP32.
+OFFICIAL_FP8_WEIGHT = re.compile(
+    r".*\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+
+
+def is_official_fp8_weight(name: str) -> bool:
+    """Whether the official FP8 checkpoint quantizes the weight `name` (a per-expert or dense linear weight)."""
+    return OFFICIAL_FP8_WEIGHT.match(name) is not None
+
+
 ACTIVATION_AMAX_MIN = 1e-4  # the official act_quant clamp: keeps the scale of an all-zero tile finite
 SCALE_FMTS = (None, "ue8m0")
 SCALE_DTYPES = (torch.float32, torch.bfloat16, getattr(torch, "float8_e8m0fnu", torch.float32))

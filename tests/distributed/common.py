@@ -57,12 +57,12 @@ def write_fp8_checkpoint(path: Path, seed: int = 0, **overrides) -> None:
     from safetensors.torch import save_file
 
     from model.checkpoint import iter_hf_state
-    from model.fp8 import quantize_weight
+    from model.fp8 import is_official_fp8_weight, quantize_weight
 
     model = build_tiny(seed, **overrides)
     tensors = {}
     for key, tensor in iter_hf_state(model):
-        if tensor.dim() == 2 and key.endswith(("_proj.weight", "_mqa.weight")) and "eh_proj" not in key:
+        if is_official_fp8_weight(key):
             tensors[key], tensors[key + "_scale_inv"] = quantize_weight(tensor)
         else:
             tensors[key] = tensor.contiguous()

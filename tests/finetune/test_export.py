@@ -18,7 +18,6 @@ from transformers import DeepseekV3ForCausalLM as HFModel
 
 from data_tools.tokenizer import extract_packaged_tokenizer
 from finetune.export import (
-    QUANTIZED_WEIGHT,
     ExportError,
     convert_checkpoint,
     export_adapter,
@@ -28,7 +27,7 @@ from finetune.export import (
 )
 from model import DeepseekV3ForCausalLM
 from model.checkpoint import INDEX_NAME, dequantize_fp8_block, iter_hf_state
-from model.fp8 import dequantize_weight, quantize_weight
+from model.fp8 import dequantize_weight, is_official_fp8_weight, quantize_weight
 from tests.model.reference import build_pair
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +67,7 @@ def fp8_round_trip(model: DeepseekV3ForCausalLM) -> None:
                 gate, up = tensor.chunk(2, dim=1)
                 for part in (gate, up):
                     part.copy_(dequantize_weight(*quantize_weight(part.clone()), torch.float32))
-            elif name.endswith("experts.down_proj") or QUANTIZED_WEIGHT.match(name):
+            elif name.endswith("experts.down_proj") or is_official_fp8_weight(name):
                 tensor.copy_(dequantize_weight(*quantize_weight(tensor.clone()), torch.float32))
 
 
@@ -257,7 +256,7 @@ def test_fp8_merge_requantizes_in_the_official_format(setup) -> None:
     )
     # Nothing beyond FP8 rounding: the export runs like peft's merge quantized in the test with the official formula.
     requantized = {
-        k: dequantize_weight(*quantize_weight(v), torch.float32) if QUANTIZED_WEIGHT.match(k) else v
+        k: dequantize_weight(*quantize_weight(v), torch.float32) if is_official_fp8_weight(k) else v
         for k, v in setup["merged"].items()
     }
     reference = setup["root"] / "merged-requantized-in-test"
@@ -296,12 +295,12 @@ def test_fp8_base_to_bf16_merge_and_converters(setup) -> None:
     assert not any(k.endswith("_scale_inv") for k in saved)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     for key, tensor in merged.items():
-        expected_dtype = torch.bfloat16 if QUANTIZED_WEIGHT.match(key) else torch.float32
+        expected_dtype = torch.bfloat16 if is_official_fp8_weight(key) else torch.float32
         assert saved[key].dtype == expected_dtype, key
         torch.testing.assert_close(saved[key], tensor.to(expected_dtype), msg=key)
     # BF16 -> FP8 converter: the official quantization of every weight the official checkpoint stores in FP8.
     fp8, base = checkpoint(setup["fp8_base"]), checkpoint(setup["base"])
-    quantized = [k for k in base if QUANTIZED_WEIGHT.match(k)]
+    quantized = [k for k in base if is_official_fp8_weight(k)]
     assert quantized and all(fp8[k].dtype == torch.float8_e4m3fn for k in quantized)
     assert fp8["model.embed_tokens.weight"].dtype == torch.float32
     for key in quantized:

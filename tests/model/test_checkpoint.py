@@ -13,6 +13,7 @@ from transformers import DeepseekV3ForCausalLM as HFModel
 
 from model import CheckpointError, DeepseekV3ForCausalLM
 from model.checkpoint import INDEX_NAME
+from model.fp8 import is_official_fp8_weight
 from tests.model.reference import build_pair
 
 
@@ -102,8 +103,7 @@ def test_fp8_checkpoint_dequantized_on_load(tmp_path: Path) -> None:
     state = dict(__import__("model.checkpoint", fromlist=["iter_hf_state"]).iter_hf_state(ours))
     quantized, expected = {}, {}
     for key, tensor in state.items():
-        is_linear = key.endswith("_proj.weight") or key.endswith("kv_a_proj_with_mqa.weight")
-        if is_linear and "eh_proj" not in key and tensor.dim() == 2:
+        if is_official_fp8_weight(key):
             codes, scale = quantize_reference(tensor)
             quantized[key], quantized[key + "_scale_inv"] = codes, scale
             rows = scale.repeat_interleave(128, 0)[: tensor.shape[0]].repeat_interleave(128, 1)[:, : tensor.shape[1]]

@@ -20,6 +20,7 @@ from model.fp8 import (
     FP8TrainingRoutedExperts,
     apply_fp8_training,
     fp8_tensor_bytes,
+    is_official_fp8_weight,
     quantize_weight,
 )
 
@@ -28,16 +29,11 @@ from .reference import build_pair
 QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
-def is_quantized_key(key: str, tensor: torch.Tensor) -> bool:
-    """The official checkpoint's rule: every linear projection except the router, eh_proj and the heads."""
-    return tensor.dim() == 2 and key.endswith(("_proj.weight", "_mqa.weight")) and "eh_proj" not in key
-
-
 def write_fp8_checkpoint(path: Path, state: dict[str, torch.Tensor], config: dict) -> None:
     """Quantize with the official formula and write per-expert keys with their own weight_scale_inv."""
     tensors = {}
     for key, tensor in state.items():
-        if is_quantized_key(key, tensor):
+        if is_official_fp8_weight(key):
             tensors[key], tensors[key + "_scale_inv"] = quantize_weight(tensor)
         else:
             tensors[key] = tensor.contiguous()
