@@ -25,9 +25,6 @@ import yaml
 GIB = 1024**3
 FP8_SCALE_BYTES = 4 / (128 * 128)  # one fp32 scale per 128x128 block
 GPU_RUNTIME_BYTES = int(2.5 * GIB)  # CUDA context, NCCL communicators and workspaces, cuBLAS handles
-# DeepSpeed's CPU all-reduce goes through a shared-memory buffer of 2 x 32 MiB + 2 x 1 MiB per rank
-# (deepspeed/ops/csrc/cpu/comm/shm.cpp): the CPU runs' counterpart of the NCCL buffers.
-CPU_RUNTIME_BYTES = (2 * 32 + 2 * 1) * 2**20
 GPU_USABLE = 0.95  # what the caching allocator can hand out before fragmentation bites
 
 
@@ -54,7 +51,7 @@ class Layout:
     expert_padding: float = 1.0  # CPU batched experts pad to the busiest expert (max / mean load); GPUs: 1
     reduce_bucket: int = 50_000_000
     prefetch_bucket: int = 50_000_000
-    runtime_bytes: int = GPU_RUNTIME_BYTES  # CPU runs: CPU_RUNTIME_BYTES
+    runtime_bytes: int = GPU_RUNTIME_BYTES  # CPU runs: 0 (the planner counts allocations; no CUDA context)
 
 
 @dataclass
@@ -146,7 +143,9 @@ def layer_activation_bytes(config: Any, layout: Layout, moe: bool) -> float:
         + (kv_lora + rope) * a
         + _norm_bytes(kv_lora, a)
         - kv_lora * a  # the kv norm's input is a view of kv_a's output
-        + heads * (2 * qk + 2 * v) * a  # q, k, v, attention output (o_proj input)
+        # q and k; v and SDPA's output zero-padded to the q/k head dim (model/attention.py pads v so the fused
+        # kernel runs); the output's contiguous copy at the v dim that o_proj keeps
+        + heads * (2 * qk + 2 * max(qk, v) + v) * a
     )
     if layout.attention == "math":
         attention += heads * layout.seq_len * 4  # softmax probabilities, fp32
@@ -163,6 +162,8 @@ def layer_activation_bytes(config: Any, layout: Layout, moe: bool) -> float:
     else:
         routed = layout.expert_padding * k * (h + 4 * inter) * a  # inputs, gate_up out, silu(gate), down input
     routed += k * h * a + k * 4 + k * 44  # weighted expert outputs, routing weights, indices and orderings
+    if layout.ep_size > 1:
+        routed += 2 * k * h * a  # expert parallel: the token copies each all_to_all receives (dispatch, combine)
     mlp = _norm_bytes(h, a) + experts * 4 + routed + 4 * shared * a
     if layout.lora:
         mlp += 3 * layout.lora_r * a
@@ -220,13 +221,14 @@ def plan_memory(config: Any, layout: Layout, census: ParamCensus | None = None) 
     decoder, head = activation_bytes(config, layout)
     plan.parts["activations: decoder"] = decoder
     plan.parts["activations: logits and loss"] = head
-    # ZeRO-3 gathers whole modules: the biggest one, plus the prefetch bucket. Full-size gradients fill the reduce
-    # bucket (the flat buffer and its fp32 reduced copy) up to reduce_bucket elements before each reduce-scatter.
+    # ZeRO-3 gathers whole modules: the biggest one, plus the prefetch bucket. DeepSpeed 0.19.8 allocates the
+    # gradient bucket at its full reduce_bucket size when the optimizer is built (stage3.py, contiguous_gradients),
+    # however few parameters train; each reduce-scatter adds an fp32 copy of what the bucket holds.
     gathered = census.largest_partitioned * pb
     if not layout.lora:
         gathered = max(gathered, census.largest_expert_layer / ep * pb)
     plan.parts["comm: ZeRO-3 gather + prefetch"] = gathered + min(layout.prefetch_bucket, gathered / pb) * pb
-    plan.parts["comm: gradient reduce bucket"] = min(layout.reduce_bucket, unreduced) * (pb + 4)
+    plan.parts["comm: gradient reduce bucket"] = layout.reduce_bucket * pb + min(layout.reduce_bucket, unreduced) * 4
     plan.parts["runtime: CUDA context, NCCL"] = layout.runtime_bytes
     return plan
 
