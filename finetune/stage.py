@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import PreTrainedTokenizerBase, set_seed
@@ -18,6 +19,24 @@ from model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
 
 from .config import RecipeError, load_stage_config
 from .lora import build_lora_config
+from .parallel import (
+    ParallelConfigError,
+    apply_expert_parallel,
+    build_expert_parallel_groups,
+    init_distributed_cpu_aware,
+    load_expert_parallel,
+    prepare_zero3_expert_parallel,
+)
+from .parallel.launch import (
+    apply_consolidated_save,
+    check_zero_stage,
+    cpu_backend_overrides,
+    data_parallel_layout,
+    expert_parallel_size,
+    launched_world_size,
+    zero3_enabled,
+)
+from .trainers import unwrap_base
 
 _T = TypeVar("_T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -29,7 +48,16 @@ def parse_stage_args(cls: type[_T], argv: list[str] | None, stage: str, doc: str
     parser.add_argument("--config", help="recipe YAML (keys are the fields of the stage config)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 data.max_length=512")
     parsed = parser.parse_args(argv)
-    return load_stage_config(cls, parsed.config, parsed.overrides)
+    try:
+        ep_size = expert_parallel_size()
+        if launched_world_size() > 1:
+            # Before the config: its __post_init__ builds accelerate's state, which must find this group.
+            init_distributed_cpu_aware()
+        config = load_stage_config(cls, parsed.config, cpu_backend_overrides(parsed.overrides))
+        check_zero_stage(config, ep_size)
+    except ParallelConfigError as err:
+        raise RecipeError(str(err)) from None
+    return config
 
 
 def model_config_values(config: Any) -> dict[str, Any]:
@@ -43,20 +71,42 @@ def model_config_values(config: Any) -> dict[str, Any]:
 
 
 def build_model(config: Any) -> DeepseekV3ForCausalLM:
-    """A preset (`preset:<name>`, random init from config.seed) or a checkpoint folder, with the stage's overrides."""
+    """A preset (`preset:<name>`, random init from config.seed) or a checkpoint folder, with the stage's overrides.
+
+    With EP_SIZE > 1 (see finetune.parallel.launch) each rank holds only its block of routed experts: a checkpoint
+    is read expert-parallel (other ranks' expert tensors are never read), a preset is built whole with the same
+    seed on every rank and then sliced. The groups ride on the model as `expert_parallel_groups`.
+    """
     name = config.model_name_or_path
     dtype = DTYPES[config.torch_dtype]
     values = model_config_values(config)
     if name.startswith("preset:"):
         model_config = DeepseekV3Config.from_preset(name.removeprefix("preset:"), **values)
-        set_seed(config.seed)
-        return DeepseekV3ForCausalLM(model_config).to(dtype)
-    if not (Path(name) / "config.json").is_file():
+    elif (Path(name) / "config.json").is_file():
+        model_config = load_config(name)
+        for key, value in values.items():
+            setattr(model_config, key, value)
+    else:
         raise RecipeError(f"model_name_or_path={name!r} is neither preset:<name> nor a checkpoint folder")
-    model_config = load_config(name)
-    for key, value in values.items():
-        setattr(model_config, key, value)
-    return DeepseekV3ForCausalLM.from_pretrained(name, config=model_config, torch_dtype=dtype, progress=False)
+    ep_size = expert_parallel_size()
+    groups = None
+    if ep_size > 1:
+        try:
+            groups = build_expert_parallel_groups(ep_size, model_config.n_routed_experts)
+        except ParallelConfigError as err:
+            raise RecipeError(str(err)) from None
+    if name.startswith("preset:"):
+        set_seed(config.seed)
+        model = DeepseekV3ForCausalLM(model_config).to(dtype)
+        if groups is not None:
+            apply_expert_parallel(model, groups)
+    elif groups is not None:
+        model, _ = load_expert_parallel(DeepseekV3ForCausalLM, name, groups, dtype=dtype, config=model_config)
+    else:
+        return DeepseekV3ForCausalLM.from_pretrained(name, config=model_config, torch_dtype=dtype, progress=False)
+    if groups is not None:
+        model.expert_parallel_groups = groups
+    return model
 
 
 def build_tokenizer(config: Any) -> PreTrainedTokenizerBase:
@@ -121,6 +171,23 @@ def train_and_save(trainer: Any, config: Any) -> None:
         # peft records the base only from a model's __dict__; the adapter must name its base to be loadable alone.
         for peft_config in trainer.model.peft_config.values():
             peft_config.base_model_name_or_path = str(Path(config.model_name_or_path).absolute())
+    prepare_distributed(trainer, config)
     trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     trainer.save_model(config.output_dir)
     print(f"saved to {config.output_dir}", file=sys.stderr)
+
+
+def prepare_distributed(trainer: Any, config: Any) -> None:
+    """Under several processes: mark an expert-parallel model for ZeRO-3 and make saving write an HF checkpoint.
+
+    Runs after LoRA (the stage's or the trainer's own peft wrapping) and before trainer.train, where accelerate
+    hands the model to deepspeed.initialize. A no-op for a single process.
+    """
+    if launched_world_size() == 1 or not dist.is_initialized():
+        return
+    base = unwrap_base(trainer.model)
+    groups = getattr(base, "expert_parallel_groups", None)
+    if groups is not None:
+        prepare_zero3_expert_parallel(trainer.model, groups)
+    if zero3_enabled(config):
+        apply_consolidated_save(trainer, groups or data_parallel_layout(), base)
