@@ -10,6 +10,9 @@ from collections.abc import Callable
 STAGES = {
     "sft": "supervised fine-tuning, full or LoRA (recipes/*/sft/)",
     "dpo": "preference optimisation: DPO loss family of trl (sigmoid, ipo, hinge, robust, ...)",
+    "kto": "preference optimisation from unpaired examples (desirable or not): KTO, apo_zero_unpaired",
+    "cpo": "reference-free preference optimisation: CPO and SimPO (loss_type=simpo)",
+    "orpo": "ORPO: SFT and preference in one stage, no reference model",
     "cpt": "continued pre-training on a domain corpus (domain adaptation)",
     "chat": "talk to a checkpoint (base, merged, or base + adapter) in the terminal",
     "evaluate": "exact-match accuracy on held-out chat questions and preference accuracy",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,13 @@ from typing import Any, TypeVar
 
 import torch
 import yaml
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, KTOConfig, SFTConfig
+
+# CPO (with SimPO) and ORPO live in trl.experimental, which warns at import; the pinned trl is tested here (see
+# tests/finetune/test_preference_stages.py), so the notice would only repeat at every stage's start.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from trl.experimental.cpo import CPOConfig  # noqa: E402
+from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
 LORA_PRESETS = ("attention", "shared_experts", "both")
 
@@ -111,6 +118,29 @@ class CPTStageConfig(StageDefaults, ModelFields, SFTConfig):
 @dataclass
 class DPOStageConfig(StageDefaults, ModelFields, DPOConfig):
     """Preference optimisation with trl's DPO loss family (sigmoid, ipo, hinge, robust, ...)."""
+
+
+@dataclass
+class KTOStageConfig(StageDefaults, ModelFields, KTOConfig):
+    """KTO on unpaired examples (prompt, completion, desirable or not); loss_type kto or apo_zero_unpaired."""
+
+    unpair_preferences: bool = field(
+        default=False,
+        metadata={
+            "help": "The data are preference pairs (prompt/chosen/rejected): each pair gives one desirable and one "
+            "undesirable example, shuffled with the seed (trl does the same with pairs)."
+        },
+    )
+
+
+@dataclass
+class CPOStageConfig(StageDefaults, ModelFields, CPOConfig):
+    """Reference-free preference optimisation: CPO (sigmoid/hinge/ipo + cpo_alpha * NLL) and SimPO (loss_type=simpo)."""
+
+
+@dataclass
+class ORPOStageConfig(StageDefaults, ModelFields, ORPOConfig):
+    """ORPO: NLL of prompt + chosen minus beta * mean log-sigmoid of the log odds ratio; no reference model."""
 
 
 _T = TypeVar("_T")

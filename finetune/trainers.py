@@ -1,8 +1,8 @@
-"""trl's SFT and DPO trainers, subclassed once, with what DeepSeek-V3 training needs.
+"""trl's SFT, DPO, KTO, CPO (with SimPO) and ORPO trainers, subclassed once, with what DeepSeek-V3 training needs.
 
 - the loss is the model's own (lm + MTP + sequence-wise balance), computed only where labels need logits;
-  trl's fused LM head skips ForCausalLM.forward, so SFT calls the model itself and DPO gets a fused head that runs
-  our backbone and keeps the balance loss;
+  trl's fused LM head skips ForCausalLM.forward, so SFT calls the model itself and the preference trainers get a
+  fused head that runs our backbone and keeps the balance loss (CPO/ORPO use it instead of full-vocabulary logits);
 - router bias updates (aux-loss-free balancing) and expert-load metrics (finetune.moe);
 - atomic checkpoints (written to a staging folder, then renamed) and exact resume of full models;
 - a NaN or inf loss stops the run with one clear message; the last good checkpoint stays.
@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import shutil
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,9 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
+from trl.experimental.cpo import CPOTrainer
+from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, _ChunkedLogProbFunction
 
 from model.checkpoint import load_state_into
@@ -56,7 +61,7 @@ class LossFileCallback(TrainerCallback):
 
 
 class MoETrainerMixin:
-    """Shared by our SFT and DPO trainers (placed before the trl class in the bases)."""
+    """Shared by our trainers (placed before the trl class in the bases)."""
 
     def setup_moe(self, router_bias_gamma: float | None, router_bias_update: str | None) -> None:
         """Track expert load; update the router bias after each optimizer step when the router trains.
@@ -87,6 +92,18 @@ class MoETrainerMixin:
                 f"(the last saved checkpoint in {self.args.output_dir} is intact: lower the learning rate or check "
                 "the data, then resume from it)"
             )
+
+    def with_balance_loss(self, compute: Callable[[], Any], return_outputs: bool) -> Any:
+        """Run a preference trainer's loss (over the fused head) and add the policy forward's balance loss."""
+        base = unwrap_base(self.model)
+        base.policy_balance_loss = None
+        result = compute()
+        loss = result[0] if return_outputs else result
+        if self.model.training and base.policy_balance_loss is not None:
+            loss = loss + base.policy_balance_loss
+            self.record_extra("balance_loss", base.policy_balance_loss)
+        self.check_finite(loss)
+        return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and "loss" in logs:
@@ -225,15 +242,142 @@ class DeepseekDPOTrainer(MoETrainerMixin, DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        base = unwrap_base(self.model)
-        base.policy_balance_loss = None
-        result = super()._compute_loss(model, inputs, return_outputs)
-        loss = result[0] if return_outputs else result
-        if self.model.training and base.policy_balance_loss is not None:
-            loss = loss + base.policy_balance_loss
-            self.record_extra("balance_loss", base.policy_balance_loss)
-        self.check_finite(loss)
-        return (loss, result[1]) if return_outputs else loss
+        return self.with_balance_loss(
+            functools.partial(super()._compute_loss, model, inputs, return_outputs), return_outputs
+        )
+
+
+class DeepseekKTOTrainer(MoETrainerMixin, KTOTrainer):
+    """trl's KTO (and apo_zero_unpaired) on our model; with LoRA the reference is the adapter-disabled policy.
+
+    Full fine-tuning without a ref_model gets a frozen copy of the initial model as the reference: trl would reload it
+    from config._name_or_path (as transformers' model class, or not at all for a preset).
+    """
+
+    def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
+        config = kwargs["args"]
+        config.router_aux_loss_coef = 0.0
+        model = kwargs["model"]
+        if kwargs.get("ref_model") is None and kwargs.get("peft_config") is None and not is_peft_model(model):
+            if not config.precompute_ref_log_probs:
+                kwargs["ref_model"] = copy.deepcopy(model).requires_grad_(False).eval()
+        super().__init__(*args, **kwargs)
+        add_fused_lm_head(unwrap_base(self.model), ("log_probs", "entropy", "mean_logits"))
+        if self.ref_model is not None:
+            add_fused_lm_head(unwrap_base(self.ref_model), ("log_probs",))
+        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """data_tools already wrote prompt_ids/completion_ids/label; add trl's KL completions (the batch neighbour's)."""
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if not {"prompt_ids", "completion_ids", "label"} <= set(columns):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if not self.calculate_KL or "KL_completion_ids" in columns:
+            return dataset
+
+        def add_kl_completion_ids(batch: dict[str, list]) -> dict[str, list]:
+            batch["KL_completion_ids"] = batch["completion_ids"][-1:] + batch["completion_ids"][:-1]
+            return batch
+
+        return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        return self.with_balance_loss(
+            functools.partial(super()._compute_loss, model, inputs, return_outputs), return_outputs
+        )
+
+
+def tokenize_pair_row(feature: dict[str, list[int]]) -> dict[str, list[int]]:
+    """data_tools' prompt_ids/chosen_ids/rejected_ids -> the padded-collator fields of trl's CPO/ORPO trainers."""
+    prompt = feature["prompt_ids"]
+    row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for name in ("chosen", "rejected"):
+        completion = feature[f"{name}_ids"]
+        row[f"{name}_input_ids"] = prompt + completion
+        row[f"{name}_attention_mask"] = [1] * (len(prompt) + len(completion))
+        row[f"{name}_labels"] = [-100] * len(prompt) + completion
+    return row
+
+
+def pair_log_probs(trainer: Any, model: torch.nn.Module, batch: dict[str, Any], padding_value: int, prompt_nll: bool):
+    """Chosen and rejected rows through the fused head in one forward.
+
+    Returns per-token log-probs [2B, S-1] (zero where not scored), the completion mask [2B, S-1] and the mask of the
+    tokens the NLL term averages over: the completion, or with prompt_nll every real token (ORPO as trl has it).
+    """
+    rows = trainer.concatenated_inputs(batch, padding_value=padding_value, device=trainer.accelerator.device)
+    input_ids, attention = rows["concatenated_input_ids"], rows["concatenated_attention_mask"]  # [2B, S]
+    labels = input_ids.masked_fill(attention == 0, -100) if prompt_nll else rows["concatenated_labels"]
+    out = model(input_ids=input_ids, attention_mask=attention, labels=labels, fused_lm_head=True, use_cache=False)
+    completion = rows["concatenated_labels"][:, 1:] != -100  # [2B, S-1]
+    return out.log_probs, out.mean_logits, completion, out.label_mask
+
+
+class PairedFusedMixin:
+    """CPO/ORPO: data_tools' tokens instead of trl's text tokenization, and log-probs from the fused head.
+
+    trl's concatenated_forward builds [2B, S, V] logits; here only the scored positions go through the LM head,
+    and the NLL term is the same token mean that trl's CrossEntropyLoss takes.
+    """
+
+    prompt_nll = False  # ORPO's NLL covers prompt + chosen (trl's choice, as in the ORPO authors' code)
+
+    def tokenize_row(self, feature, model=None):
+        if "prompt_ids" in feature:
+            return tokenize_pair_row(feature)
+        return super().tokenize_row(feature, model)
+
+    def concatenated_forward(self, model, batch):
+        padding_value = getattr(self, "padding_value", None)  # ORPO has one; CPO pads with the tokenizer's pad id
+        padding_value = self.pad_token_id if padding_value is None else padding_value
+        log_probs, mean_logits, completion, nll_mask = pair_log_probs(
+            self, model, batch, padding_value, self.prompt_nll
+        )
+        half = batch["chosen_labels"].shape[0]
+        logps = (log_probs * completion).sum(-1)  # [2B]
+        if self.average_log_prob:
+            logps = logps / completion.sum(-1).clamp(min=1)
+        if self.nll_weight == 0:
+            nll = log_probs.new_zeros(())
+        else:
+            nll = -(log_probs[:half] * nll_mask[:half]).sum() / nll_mask[:half].sum().clamp(min=1)
+        logits = mean_logits.detach()
+        chosen_logits, rejected_logits = logits[:half][completion[:half]], logits[half:][completion[half:]]
+        return logps[:half], logps[half:], chosen_logits, rejected_logits, nll
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        compute = functools.partial(super().compute_loss, model, inputs, return_outputs, num_items_in_batch)
+        return self.with_balance_loss(compute, return_outputs)
+
+
+class DeepseekCPOTrainer(PairedFusedMixin, MoETrainerMixin, CPOTrainer):
+    """trl's CPO loss family on our model (no reference model); loss_type=simpo with cpo_alpha=0 is SimPO."""
+
+    def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        add_fused_lm_head(unwrap_base(self.model), ("log_probs", "mean_logits"))
+        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    @property
+    def average_log_prob(self) -> bool:
+        return self.loss_type in ("ipo", "simpo")
+
+    @property
+    def nll_weight(self) -> float:
+        return self.cpo_alpha
+
+
+class DeepseekORPOTrainer(PairedFusedMixin, MoETrainerMixin, ORPOTrainer):
+    """trl's ORPO on our model (no reference model): length-normalised log-probs, NLL over prompt + chosen."""
+
+    prompt_nll = True
+    average_log_prob = True
+    nll_weight = 1.0
+
+    def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        add_fused_lm_head(unwrap_base(self.model), ("log_probs", "mean_logits"))
+        self.setup_moe(router_bias_gamma, router_bias_update)
 
 
 def trainer_kwargs(config: Any) -> dict[str, Any]:
