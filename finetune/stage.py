@@ -22,6 +22,7 @@ from .lora import build_lora_config
 from .parallel import (
     ParallelConfigError,
     apply_expert_parallel,
+    apply_global_expert_counts,
     build_expert_parallel_groups,
     init_distributed_cpu_aware,
     load_expert_parallel,
@@ -178,7 +179,7 @@ def train_and_save(trainer: Any, config: Any) -> None:
 
 
 def prepare_distributed(trainer: Any, config: Any) -> None:
-    """Under several processes: mark an expert-parallel model for ZeRO-3 and make saving write an HF checkpoint.
+    """Under several processes: global expert counts, ZeRO-3 marking of an expert-parallel model, an HF final save.
 
     Runs after LoRA (the stage's or the trainer's own peft wrapping) and before trainer.train, where accelerate
     hands the model to deepspeed.initialize. A no-op for a single process.
@@ -189,5 +190,9 @@ def prepare_distributed(trainer: Any, config: Any) -> None:
     groups = getattr(base, "expert_parallel_groups", None)
     if groups is not None:
         prepare_zero3_expert_parallel(trainer.model, groups)
+    else:
+        # Router biases are buffers no data-parallel engine syncs: each rank must update them from the global
+        # batch's expert counts, or they drift apart rank by rank.
+        apply_global_expert_counts(trainer.model)
     if zero3_enabled(config):
         apply_consolidated_save(trainer, groups or data_parallel_layout(), base)
