@@ -22,10 +22,11 @@ from .groups import ExpertParallelGroups, register_with_deepspeed
 
 
 def init_distributed_cpu_aware(timeout_minutes: int = 30) -> None:
-    """Create the default process group: nccl with GPUs, gloo without (the CPU fix accelerate needs).
+    """Create the default process group: nccl with GPUs, gloo without; a no-op when it exists.
 
-    accelerate 1.15 + DeepSpeed on a machine without a GPU sets num_processes=1 on every rank unless the group is
-    created with backend="gloo" first; calling this before building the Accelerator does exactly that.
+    The expert-parallel groups need it before the model is built. It is not enough for accelerate on CPUs:
+    accelerate 1.15 + DeepSpeed without a GPU still sets num_processes=1 on every rank unless its own state is
+    created with backend="gloo" (TrainingArguments' ddp_backend="gloo"; finetune.parallel.launch sets it).
     """
     if dist.is_initialized():
         return
