@@ -262,10 +262,19 @@ class DeepseekKTOTrainer(MoETrainerMixin, KTOTrainer):
             if not config.precompute_ref_log_probs:
                 kwargs["ref_model"] = copy.deepcopy(model).requires_grad_(False).eval()
         super().__init__(*args, **kwargs)
+        self.add_fused_heads()
+        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    def add_fused_heads(self) -> None:
+        """Our fused head on the policy and the reference, replacing the one trl's __init__ installs."""
         add_fused_lm_head(unwrap_base(self.model), ("log_probs", "entropy", "mean_logits"))
         if self.ref_model is not None:
             add_fused_lm_head(unwrap_base(self.ref_model), ("log_probs",))
-        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """precompute_ref_log_probs runs inside trl's __init__, after its own fused head went on: put ours on first."""
+        self.add_fused_heads()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """data_tools already wrote prompt_ids/completion_ids/label; add trl's KL completions (the batch neighbour's)."""

@@ -238,17 +238,26 @@ def test_orpo_loss_matches_trl_and_formula(preference_batch_values, demo_data):
     assert ours.item() == pytest.approx(paper.item(), rel=RTOL, abs=ATOL)
 
 
-def test_kto_loss_matches_formula_with_adapter_disabled_reference(preference_batch_values, kto_records):
-    values = {**preference_batch_values, "use_lora": True, "lora_r": 8, "beta": 0.5, "desirable_weight": 1.3}
+def perturbed_kto_trainer(values: dict, kto_records: Path) -> DeepseekKTOTrainer:
+    """A LoRA KTO trainer whose adapters are random (policy != reference), the same for the same values."""
     trainer = build_trainer(DeepseekKTOTrainer, KTOStageConfig, values, "kto", kto_records)
     assert trainer.ref_model is None, "LoRA: the reference is the policy with its adapters disabled"
-    model = trainer.model.eval()
     torch.manual_seed(1)
-    with torch.no_grad():  # move the policy away from the reference
-        for name, param in model.named_parameters():
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
+    trainer.model.eval()
+    return trainer
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live_reference", "precomputed_reference"])
+def test_kto_loss_matches_formula_with_adapter_disabled_reference(preference_batch_values, kto_records, precompute):
+    values = {**preference_batch_values, "use_lora": True, "lora_r": 8, "beta": 0.5, "desirable_weight": 1.3}
+    trainer = perturbed_kto_trainer({**values, "precompute_ref_log_probs": precompute}, kto_records)
+    model = trainer.model
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert ("ref_logps" in batch) == precompute
     label = batch["label"]
     assert label.any() and not label.all()
 
