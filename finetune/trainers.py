@@ -311,8 +311,8 @@ def tokenize_pair_row(feature: dict[str, list[int]]) -> dict[str, list[int]]:
 def pair_log_probs(trainer: Any, model: torch.nn.Module, batch: dict[str, Any], padding_value: int, prompt_nll: bool):
     """Chosen and rejected rows through the fused head in one forward.
 
-    Returns per-token log-probs [2B, S-1] (zero where not scored), the completion mask [2B, S-1] and the mask of the
-    tokens the NLL term averages over: the completion, or with prompt_nll every real token (ORPO as trl has it).
+    Returns per-token log-probs and mean logits [2B, S-1] (zero where not scored), the completion mask [2B, S-1] and
+    the mask of the tokens the NLL term averages over: the completion, or with prompt_nll every real token (ORPO).
     """
     rows = trainer.concatenated_inputs(batch, padding_value=padding_value, device=trainer.accelerator.device)
     input_ids, attention = rows["concatenated_input_ids"], rows["concatenated_attention_mask"]  # [2B, S]

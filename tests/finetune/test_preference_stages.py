@@ -65,6 +65,14 @@ def kto_records(demo_data, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def few_kto_records(kto_records) -> Path:
+    """Two batches' worth: precompute_ref_log_probs runs the reference over the whole dataset."""
+    path = kto_records.with_name("few.jsonl")
+    path.write_text("\n".join(kto_records.read_text().splitlines()[:8]) + "\n")
+    return path
+
+
 # --- recipes and CLI -------------------------------------------------------------------------------------------
 
 
@@ -252,9 +260,9 @@ def perturbed_kto_trainer(values: dict, kto_records: Path) -> DeepseekKTOTrainer
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["live_reference", "precomputed_reference"])
-def test_kto_loss_matches_formula_with_adapter_disabled_reference(preference_batch_values, kto_records, precompute):
+def test_kto_loss_matches_formula_with_adapter_disabled_reference(preference_batch_values, few_kto_records, precompute):
     values = {**preference_batch_values, "use_lora": True, "lora_r": 8, "beta": 0.5, "desirable_weight": 1.3}
-    trainer = perturbed_kto_trainer({**values, "precompute_ref_log_probs": precompute}, kto_records)
+    trainer = perturbed_kto_trainer({**values, "precompute_ref_log_probs": precompute}, few_kto_records)
     model = trainer.model
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert ("ref_logps" in batch) == precompute
@@ -281,8 +289,8 @@ def test_kto_loss_matches_formula_with_adapter_disabled_reference(preference_bat
     assert ours.item() == pytest.approx(paper.item(), rel=RTOL, abs=ATOL)
 
 
-def test_kto_full_training_keeps_a_frozen_copy_as_reference(preference_batch_values, kto_records):
-    trainer = build_trainer(DeepseekKTOTrainer, KTOStageConfig, preference_batch_values, "kto", kto_records)
+def test_kto_full_training_keeps_a_frozen_copy_as_reference(preference_batch_values, few_kto_records):
+    trainer = build_trainer(DeepseekKTOTrainer, KTOStageConfig, preference_batch_values, "kto", few_kto_records)
     reference, policy = unwrap_base(trainer.ref_model), unwrap_base(trainer.model)
     assert reference is not policy
     assert not any(p.requires_grad for p in reference.parameters())
