@@ -23,6 +23,9 @@ FORMAT_KINDS = {
     "preference": "preference",
     "kto": "kto",
     "text": "text",
+    # Plain-text prompt/completion for the cpt task: no chat template, loss on the completion only (as trl's
+    # standard, non-conversational prompt-completion data); declared with `format: text_completion`.
+    "text_completion": "text_completion",
 }
 TASK_KINDS = {"sft": "chat", "dpo": "preference", "kto": "kto", "cpt": "text"}
 ROLES = ("system", "user", "assistant", "tool")
@@ -55,6 +58,7 @@ KIND_FEATURES = {
     "preference": {"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES},
     "kto": {"prompt": MESSAGES, "completion": MESSAGES, "label": datasets.Value("bool")},
     "text": {"text": datasets.Value("string")},
+    "text_completion": {"prompt": datasets.Value("string"), "completion": datasets.Value("string")},
 }
 # Where each row came from, and what was wrong with it: kept until the row is tokenized.
 LOCATION_FEATURES = {"_file": datasets.Value("string"), "_line": datasets.Value("int64")}
@@ -77,6 +81,7 @@ def empty_example(kind: str) -> dict[str, Any]:
         "preference": {"prompt": [], "chosen": [], "rejected": []},
         "kto": {"prompt": [], "completion": [], "label": False},
         "text": {"text": ""},
+        "text_completion": {"prompt": "", "completion": ""},
     }[kind]
 
 
@@ -282,6 +287,15 @@ def to_canonical(record: dict[str, Any], fmt: str) -> dict[str, Any]:
         if not isinstance(label, bool) and label not in (0, 1):
             raise RecordError("bad_type", f"label must be true or false, got {label!r}", "label")
         return {"prompt": prompt, "completion": completion, "label": bool(label)}
+    if fmt == "text_completion":
+        values = {}
+        for field in ("prompt", "completion"):
+            values[field] = require(record, field)
+            if not isinstance(values[field], str):
+                raise RecordError("bad_type", f"expected a string, got {type(values[field]).__name__}", field)
+        if not values["completion"].strip():
+            raise RecordError("empty_content", "empty completion", "completion")
+        return values
     if fmt == "text":
         text = require(record, "text")
         if not isinstance(text, str):

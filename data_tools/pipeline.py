@@ -190,7 +190,32 @@ def tokenize_kto_batch(
     return {**out, **error_columns(errors)}
 
 
-TOKENIZERS = {"sft": tokenize_sft_batch, "dpo": tokenize_preference_batch, "kto": tokenize_kto_batch}
+def tokenize_text_completion_batch(
+    batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
+) -> dict[str, list]:
+    """Batched map function: plain-text prompt/completion (cpt) -> bos + prompt + completion + eos, with labels on
+    the completion and the eos only; no chat template."""
+    prompts, completions = chat.encode_texts(batch["prompt"]), chat.encode_texts(batch["completion"])
+    errors: list[RecordError | None] = [None] * len(prompts)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": []}
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids = [chat.bos_id, *prompt, *completion, chat.eos_id]
+        labels = [-100] * (1 + len(prompt)) + [*completion, chat.eos_id]
+        truncated = False
+        if len(ids) > max_length:
+            if on_too_long == "truncate":
+                ids, labels, truncated = ids[:max_length], labels[:max_length], True
+                if all(label == -100 for label in labels):
+                    errors[i] = RecordError("no_target", "nothing left to train after truncation")
+            else:
+                errors[i] = too_long_error(len(ids), max_length)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["_truncated"].append(truncated)
+    return {**out, **error_columns(errors)}
+
+
+TOKENIZERS = {"cpt": tokenize_text_completion_batch, "sft": tokenize_sft_batch, "dpo": tokenize_preference_batch, "kto": tokenize_kto_batch}
 
 
 def tokenize_examples(
@@ -218,7 +243,7 @@ def tokenize_examples(
 
 def measure_lengths(ds: Dataset, task: str) -> list[int]:
     """Token length of each tokenized example (for DPO the longer of the two sequences)."""
-    if task == "sft":
+    if task in ("sft", "cpt"):
         return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
     if task == "dpo":
         return [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
@@ -305,8 +330,16 @@ def build_splits(
 def build_cpt_split(
     ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer, report: DataReport, split: str
 ) -> Dataset | IterableDataset:
-    """Corpus blocks, with packed replay chat rows mixed in (train only)."""
-    blocks = build_corpus_blocks(ds.remove_columns(["_file", "_line"]), chat, recipe.max_length, recipe.num_proc)
+    """Corpus blocks, with packed replay chat rows mixed in (train only).
+
+    Plain text is cut into blocks across documents, as in pre-training; plain-text prompt/completion records are
+    each their own sample (packed, position_ids restarting, attention within the sample), loss on the completion.
+    """
+    if "completion" in (ds.column_names or []):
+        blocks = tokenize_examples(ds, recipe, chat, report, split)
+        blocks = pack_dataset(blocks, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
+    else:
+        blocks = build_corpus_blocks(ds.remove_columns(["_file", "_line"]), chat, recipe.max_length, recipe.num_proc)
     if split != "train" or not recipe.replay_sources or recipe.replay_fraction <= 0:
         if isinstance(blocks, Dataset):
             report.rows[split] = len(blocks)

@@ -221,6 +221,8 @@ def resolve_format(declared: str | None, record: dict[str, Any], file: str, kind
             fmt = detect_format(record)
         except RecordError as e:
             raise DataError(str(e), file, 1, reason=e.reason) from None
+    if kind == "text" and FORMAT_KINDS[fmt] == "text_completion":
+        return fmt  # the cpt task takes plain text or plain-text prompt/completion
     if kind is not None and FORMAT_KINDS[fmt] != kind:
         raise DataError(f"format {fmt!r} gives {FORMAT_KINDS[fmt]} examples, this task needs {kind}", file)
     return fmt

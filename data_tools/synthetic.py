@@ -28,20 +28,27 @@ def build_chat(a: int, b: int, template: str) -> dict[str, Any]:
 
 
 def build_demo_data(
-    num_train: int = 2000, num_eval: int = 200, num_preference: int = 500, max_operand: int = 100, seed: int = 0
+    num_train: int = 2000,
+    num_eval: int = 200,
+    num_preference: int = 500,
+    max_operand: int = 100,
+    seed: int = 0,
+    num_corpus_only: int = 0,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Records of each demo file: sft, eval (disjoint questions, half of them in the corpus), preference, corpus.
+    """Records of each demo file: sft, eval (disjoint questions, half of them in the corpus), preference, corpus
+    (paragraphs of plain text) and facts (the same facts as plain-text prompt/completion records).
 
-    The corpus states the facts "a + b = c" of the training pairs and of half of the eval pairs, so the demo can
-    report accuracy on eval facts seen in the corpus against facts never seen.
+    The corpus states the facts "a + b = c" of the training pairs, of half of the eval pairs and of
+    `num_corpus_only` further pairs, so the demo can report accuracy on eval facts seen in the corpus against facts
+    never seen.
     """
     pairs = build_pairs(max_operand, seed)
-    if num_train + num_eval > len(pairs):
-        raise ValueError(
-            f"{num_train} + {num_eval} questions need max_operand >= {int((num_train + num_eval) ** 0.5) + 1}"
-        )
+    needed = num_train + num_eval + num_corpus_only
+    if needed > len(pairs):
+        raise ValueError(f"{needed} distinct sums need max_operand >= {int(needed**0.5) + 1}")
     rng = random.Random(seed + 1)
     train_pairs, eval_pairs = pairs[:num_train], pairs[num_train : num_train + num_eval]
+    corpus_only = pairs[num_train + num_eval : needed]
     sft = [build_chat(a, b, rng.choice(QUESTION_TEMPLATES)) for a, b in train_pairs]
     seen = set(eval_pairs[: num_eval // 2])
     evaluation = [{**build_chat(a, b, QUESTION_TEMPLATES[0]), "in_corpus": (a, b) in seen} for a, b in eval_pairs]
@@ -57,10 +64,13 @@ def build_demo_data(
                 "rejected": [{"role": "assistant", "content": rejected}],
             }
         )
-    facts = [f"{a} + {b} = {a + b}." for a, b in train_pairs + sorted(seen)]
-    rng.shuffle(facts)
+    corpus_pairs = train_pairs + sorted(seen) + corpus_only
+    rng.shuffle(corpus_pairs)
+    facts = [f"{a} + {b} = {a + b}." for a, b in corpus_pairs]
     corpus = [{"text": " ".join(facts[i : i + 8])} for i in range(0, len(facts), 8)]
-    return {"sft": sft, "eval": evaluation, "preference": preference, "corpus": corpus}
+    # The prompt ends with the space, so prompt + completion tokenizes as the plain sentence does.
+    completions = [{"prompt": f"{a} + {b} = ", "completion": str(a + b)} for a, b in corpus_pairs]
+    return {"sft": sft, "eval": evaluation, "preference": preference, "corpus": corpus, "facts": completions}
 
 
 def save_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
@@ -71,12 +81,12 @@ def save_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def save_demo_data(folder: str | Path, **options: Any) -> dict[str, Path]:
-    """Write sft.jsonl, eval.jsonl, preference.jsonl and corpus.txt (paragraphs) to `folder`; options go to
-    build_demo_data."""
+    """Write sft.jsonl, eval.jsonl, preference.jsonl, facts.jsonl (plain-text prompt/completion, for the cpt task
+    with `format: text_completion`) and corpus.txt (paragraphs) to `folder`; options go to build_demo_data."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = build_demo_data(**options)
-    paths = {name: folder / f"{name}.jsonl" for name in ("sft", "eval", "preference")}
+    paths = {name: folder / f"{name}.jsonl" for name in ("sft", "eval", "preference", "facts")}
     for name, path in paths.items():
         save_jsonl(data[name], path)
     paths["corpus"] = folder / "corpus.txt"

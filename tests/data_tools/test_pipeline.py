@@ -86,6 +86,31 @@ def test_cpt_blocks_with_replay(demo, tokenizer):
     assert all(len(r["input_ids"]) == 128 for r in train)
 
 
+def test_cpt_plain_text_completions_train_the_completion_only(demo, tokenizer, tmp_path):
+    recipe = DataRecipe(
+        task="cpt", sources=[SourceSpec(str(demo / "facts.jsonl"), format="text_completion")], max_length=64
+    )
+    splits, report = build_datasets(recipe, tokenizer)
+    facts = [json.loads(line) for line in (demo / "facts.jsonl").read_text().splitlines()]
+    assert report.examples["train"] == len(facts) and 0.9 <= report.fill_ratio["train"] <= 1.0
+    row = splits["train"][0]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]  # samples, then the padding's own run
+    assert len(row["seq_lengths"]) >= 5 and len(starts) - len(row["seq_lengths"]) in (0, 1)  # several facts a row
+    for start, length in zip(starts, row["seq_lengths"]):
+        ids, labels = row["input_ids"][start : start + length], row["labels"][start : start + length]
+        assert row["position_ids"][start : start + length] == list(range(length))
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        prompt = tokenizer.decode(ids[1 : labels.index(next(x for x in labels if x != -100))])
+        completion = tokenizer.decode([x for x in labels if x != -100][:-1])
+        assert any(f["prompt"] == prompt and f["completion"] == completion for f in facts)  # no chat template
+        a, b = prompt.split(" = ")[0].split(" + ")
+        assert int(completion) == int(a) + int(b)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1 + 1 = ", "completion": "2"}\n{"prompt": "1 + 2 = "}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2: field .completion.: missing field"):
+        build_datasets(DataRecipe(task="cpt", sources=[SourceSpec(str(bad), format="text_completion")]), tokenizer)
+
+
 def test_streaming_sft(demo, tokenizer):
     recipe = DataRecipe(sources=[SourceSpec(str(demo / "sft.jsonl"))], max_length=512, streaming=True)
     splits, _ = build_datasets(recipe, tokenizer)
