@@ -19,27 +19,53 @@ from pathlib import Path
 from typing import Any
 
 from data_tools import ChatTokenizer, load_tokenizer
-from data_tools.synthetic import RAMBLING, save_demo_data, save_jsonl
+from data_tools.synthetic import save_demo_data, save_jsonl
 
 from . import cpt, dpo, sft
-from .evaluate import chat_accuracy, load_chat_model, preference_accuracy, read_jsonl
+from .evaluate import chat_accuracy, load_chat_model, plain_text_accuracy, preference_accuracy, read_jsonl
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 
 
 def build_eval_preferences(eval_records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """Held-out preference pairs on the held-out questions: the right sum against a wrong or rambling one."""
+    """Held-out preference pairs on the held-out questions: the right sum against a neighbour (off by one), the
+    hardest wrong answer: a rambling or far-off answer loses to the right one already after SFT."""
     rng = random.Random(seed)
     pairs = []
-    for i, record in enumerate(eval_records):
+    for record in eval_records:
         answer = int(record["messages"][-1]["content"])
-        wrong = answer + rng.choice([-2, -1, 1, 2, 10])
-        rejected = str(wrong) if i % 2 == 0 else RAMBLING.format(c=wrong)
+        rejected = str(answer + 1 if answer == 0 else answer + rng.choice([-1, 1]))
         pairs.append(
             {
                 "prompt": record["messages"][:1],
                 "chosen": [{"role": "assistant", "content": str(answer)}],
                 "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return pairs
+
+
+def build_train_preferences(facts: list[dict[str, Any]], eval_records: list[dict[str, Any]], seed: int) -> list:
+    """DPO pairs on the corpus facts that are not held-out questions: the right sum against a near miss (off by one
+    or two), asked with the training templates. The synthetic file's far-off and rambling answers lose already
+    after SFT and teach DPO nothing (measured: Chat below SFT)."""
+    from data_tools.synthetic import QUESTION_TEMPLATES
+
+    rng = random.Random(seed + 7)
+    held_out = {r["messages"][0]["content"] for r in eval_records}
+    pairs = []
+    for fact in facts:
+        a, b = (int(x) for x in fact["prompt"].split(" = ")[0].split(" + "))
+        if f"What is {a} + {b}?" in held_out:
+            continue
+        answer = a + b
+        wrong = answer + rng.choice([-2, -1, 1, 2])
+        wrong = wrong if wrong >= 0 else answer + 1
+        pairs.append(
+            {
+                "prompt": [{"role": "user", "content": rng.choice(QUESTION_TEMPLATES).format(a=a, b=b)}],
+                "chosen": [{"role": "assistant", "content": str(answer)}],
+                "rejected": [{"role": "assistant", "content": str(wrong)}],
             }
         )
     return pairs
@@ -63,9 +89,13 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     start = time.time()
-    paths = save_demo_data(out / "data", num_train=2000, num_eval=200, num_preference=600, max_operand=50, seed=seed)
+    paths = save_demo_data(
+        out / "data", num_train=500, num_eval=200, num_preference=600, max_operand=30, num_corpus_only=100, seed=seed
+    )
     eval_records = read_jsonl(paths["eval"])
     save_jsonl(build_eval_preferences(eval_records, seed), out / "data" / "preference_eval.jsonl")
+    dpo_pairs = out / "data" / "preference_near_miss.jsonl"
+    save_jsonl(build_train_preferences(read_jsonl(paths["facts"]), eval_records, seed), dpo_pairs)
     tokenizer = load_tokenizer()
     times["data"] = time.time() - start
     common = {"seed": seed, "report_to": report_to}
@@ -78,7 +108,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
                 **common,
                 "output_dir": str(out / "base"),
                 "max_steps": scaled("cpt/full.yaml", scale),
-                "data.sources": [str(paths["corpus"])],
+                "data.sources": [{"path": str(paths["facts"]), "format": "text_completion"}],
             }
         )
     )
@@ -109,7 +139,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
                 "model_name_or_path": str(out / "sft-merged"),
                 "output_dir": str(out / "dpo"),
                 "max_steps": scaled("dpo/lora.yaml", scale),
-                "data.sources": [str(paths["preference"])],
+                "data.sources": [str(dpo_pairs)],
             }
         )
     )
@@ -123,6 +153,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
     for name, folder in (("Base", "base"), ("SFT", "sft-merged"), ("Chat", "chat")):
         model = load_chat_model(out / folder)
         row = chat_accuracy(model, chat, eval_records)
+        row.update(plain_text_accuracy(model, chat, eval_records))
         row["preference_accuracy"] = preference_accuracy(model, chat, preferences)
         table[name] = row
     times["evaluation"] = time.time() - start
@@ -212,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Held-out questions are sums whose chat form was never trained; 'facts in the corpus' were stated in the "
         "Base's plain-text corpus, 'facts never seen' appear nowhere in training. Preference accuracy: the model "
-        "gives the right answer a higher log-probability than a wrong or rambling one, on held-out questions.",
+        "gives the right answer a higher log-probability than the answer off by one, on held-out questions.",
         "",
         table,
         "",

@@ -84,6 +84,26 @@ def chat_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, records: li
     }
 
 
+def plain_text_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, records: list[dict[str, Any]]) -> dict:
+    """Exact-match accuracy of greedy completions of the questions as plain text ("a + b = "), no chat template:
+    what the Base learned from its corpus. Records are chats "What is a + b?" -> "c"."""
+    prompts, answers = [], []
+    for r in records:
+        question = r["messages"][0]["content"]
+        if not (question.startswith("What is ") and question.endswith("?")):
+            raise ValueError(f"plain-text accuracy needs 'What is a + b?' questions, got {question!r}")
+        prompts.append([chat.bos_id, *chat.encode_texts([question[len("What is ") : -1] + " = "])[0]])
+        answers.append(r["messages"][-1]["content"].strip())
+    outputs = generate(model, prompts, chat.eos_id, max_new_tokens=4)
+    correct = [chat.tokenizer.decode(o, skip_special_tokens=True).strip() == a for o, a in zip(outputs, answers)]
+    seen = [c for c, r in zip(correct, records) if r.get("in_corpus")]
+    unseen = [c for c, r in zip(correct, records) if not r.get("in_corpus", True)]
+    return {
+        "plain_accuracy_seen": sum(seen) / len(seen) if seen else float("nan"),
+        "plain_accuracy_unseen": sum(unseen) / len(unseen) if unseen else float("nan"),
+    }
+
+
 @torch.no_grad()
 def completion_logps(model: DeepseekV3ForCausalLM, prompt: list[int], completion: list[int]) -> float:
     """Sum of log p(completion | prompt)."""

@@ -176,7 +176,11 @@ class DeepseekSFTTrainer(MoETrainerMixin, SFTTrainer):
             self._total_train_tokens += int(tokens)
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
-            loss = loss * self.accelerator.num_processes
+            # The LM and MTP terms are sums over this rank's tokens divided by the global token count: scaled by
+            # the process count, the gradient average across ranks gives the global mean. The balance loss is
+            # already a per-rank mean and must not be scaled.
+            balance = outputs.balance_loss if outputs.balance_loss is not None else 0.0
+            loss = (loss - balance) * self.accelerator.num_processes + balance
         return (loss, outputs) if return_outputs else loss
 
 
