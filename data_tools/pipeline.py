@@ -215,7 +215,12 @@ def tokenize_text_completion_batch(
     return {**out, **error_columns(errors)}
 
 
-TOKENIZERS = {"cpt": tokenize_text_completion_batch, "sft": tokenize_sft_batch, "dpo": tokenize_preference_batch, "kto": tokenize_kto_batch}
+TOKENIZERS = {
+    "cpt": tokenize_text_completion_batch,
+    "sft": tokenize_sft_batch,
+    "dpo": tokenize_preference_batch,
+    "kto": tokenize_kto_batch,
+}
 
 
 def tokenize_examples(

@@ -7,8 +7,11 @@ import yaml
 
 from finetune.cli import available_stages
 from finetune.config import (
+    CPOStageConfig,
     CPTStageConfig,
     DPOStageConfig,
+    KTOStageConfig,
+    ORPOStageConfig,
     RecipeError,
     SFTStageConfig,
     build_stage_config,
@@ -17,7 +20,14 @@ from finetune.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_CLASSES = {"sft": SFTStageConfig, "dpo": DPOStageConfig, "cpt": CPTStageConfig}
+STAGE_CLASSES = {
+    "sft": SFTStageConfig,
+    "dpo": DPOStageConfig,
+    "cpt": CPTStageConfig,
+    "kto": KTOStageConfig,
+    "cpo": CPOStageConfig,
+    "orpo": ORPOStageConfig,
+}
 
 
 def all_recipes() -> list[Path]:
@@ -26,7 +36,7 @@ def all_recipes() -> list[Path]:
 
 def test_recipes_exist():
     stages = {p.parent.name for p in all_recipes()}
-    assert stages == {"sft", "dpo", "cpt"}
+    assert stages == set(STAGE_CLASSES)
     assert any("deepseek-v3-671b" in str(p) for p in all_recipes())
 
 
