@@ -10,8 +10,8 @@ No reference model: one forward per pair (chosen and rejected rows together), Lo
 from __future__ import annotations
 
 from .config import CPOStageConfig, RecipeError
-from .stage import build_data, build_lora_config_from, build_model, build_tokenizer, parse_stage_args, train_and_save
-from .trainers import DeepseekCPOTrainer, LossFileCallback, trainer_kwargs
+from .stage import build_data, build_model, build_tokenizer, parse_stage_args, train_preference_stage
+from .trainers import DeepseekCPOTrainer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,18 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer(config)
     model = build_model(config)
     train, evaluation = build_data(config, "dpo", tokenizer, model.config.vocab_size)
-    callbacks = [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
-    trainer = DeepseekCPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=build_lora_config_from(model, config) if config.use_lora else None,
-        callbacks=callbacks,
-        **trainer_kwargs(config),
-    )
-    train_and_save(trainer, config)
+    train_preference_stage(DeepseekCPOTrainer, config, model, tokenizer, train, evaluation)
 
 
 if __name__ == "__main__":

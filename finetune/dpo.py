@@ -9,8 +9,8 @@ With LoRA the reference model is the adapter-disabled policy: no second copy of 
 from __future__ import annotations
 
 from .config import DPOStageConfig
-from .stage import build_data, build_lora_config_from, build_model, build_tokenizer, parse_stage_args, train_and_save
-from .trainers import DeepseekDPOTrainer, LossFileCallback, trainer_kwargs
+from .stage import build_data, build_model, build_tokenizer, parse_stage_args, train_preference_stage
+from .trainers import DeepseekDPOTrainer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,18 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer(config)
     model = build_model(config)
     train, evaluation = build_data(config, "dpo", tokenizer, model.config.vocab_size)
-    callbacks = [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
-    trainer = DeepseekDPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=build_lora_config_from(model, config) if config.use_lora else None,
-        callbacks=callbacks,
-        **trainer_kwargs(config),
-    )
-    train_and_save(trainer, config)
+    train_preference_stage(DeepseekDPOTrainer, config, model, tokenizer, train, evaluation)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from __future__ import annotations
 from datasets import Dataset, concatenate_datasets
 
 from .config import KTOStageConfig, RecipeError
-from .stage import build_data, build_lora_config_from, build_model, build_tokenizer, parse_stage_args, train_and_save
-from .trainers import DeepseekKTOTrainer, LossFileCallback, trainer_kwargs
+from .stage import build_data, build_model, build_tokenizer, parse_stage_args, train_preference_stage
+from .trainers import DeepseekKTOTrainer
 
 
 def unpair(pairs: Dataset, seed: int) -> Dataset:
@@ -37,18 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluation = None if evaluation is None else unpair(evaluation, config.seed)
     else:
         train, evaluation = build_data(config, "kto", tokenizer, model.config.vocab_size)
-    callbacks = [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
-    trainer = DeepseekKTOTrainer(
-        model=model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=build_lora_config_from(model, config) if config.use_lora else None,
-        callbacks=callbacks,
-        **trainer_kwargs(config),
-    )
-    train_and_save(trainer, config)
+    train_preference_stage(DeepseekKTOTrainer, config, model, tokenizer, train, evaluation)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .parallel.launch import (
     launched_world_size,
     zero3_enabled,
 )
-from .trainers import unwrap_base
+from .trainers import LossFileCallback, trainer_kwargs, unwrap_base
 
 _T = TypeVar("_T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -176,6 +176,22 @@ def train_and_save(trainer: Any, config: Any) -> None:
     trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     trainer.save_model(config.output_dir)
     print(f"saved to {config.output_dir}", file=sys.stderr)
+
+
+def train_preference_stage(trainer_cls: type, config: Any, model: Any, tokenizer: Any, train: Any, evaluation: Any):
+    """Build a preference trainer (DPO, KTO, CPO, ORPO) the same way for every stage, train it and save."""
+    callbacks = [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
+    trainer = trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=build_lora_config_from(model, config) if config.use_lora else None,
+        callbacks=callbacks,
+        **trainer_kwargs(config),
+    )
+    train_and_save(trainer, config)
 
 
 def prepare_distributed(trainer: Any, config: Any) -> None:
