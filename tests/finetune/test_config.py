@@ -94,3 +94,32 @@ def test_cli_lists_stages_and_fails_in_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in out.stderr
     assert "did you mean 'learning_rate'" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EP_SIZE": "two"}, "EP_SIZE='two' must be a positive integer"),
+        ({"EP_SIZE": "2"}, "EP_SIZE=2 needs several processes"),
+        ({"EP_SIZE": "2", "WORLD_SIZE": "2"}, "EP_SIZE=2 needs DeepSpeed ZeRO-3"),
+    ],
+)
+def test_bad_ep_size_is_one_sentence(monkeypatch, env, message):
+    from finetune.parallel.launch import ParallelConfigError, expert_parallel_size
+
+    for key in ("EP_SIZE", "WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ParallelConfigError, match=message):
+        expert_parallel_size()
+
+
+@pytest.mark.parametrize("stage", ["kto", "cpo", "orpo"])
+def test_preference_stages_refuse_the_mtp_loss(stage):
+    import importlib
+
+    path = {"kto": "kto/lora.yaml", "cpo": "cpo/simpo.yaml", "orpo": "orpo/lora.yaml"}[stage]
+    main = importlib.import_module(f"finetune.{stage}").main
+    with pytest.raises(RecipeError, match="mtp_loss_weight: the preference stages do not train the MTP module"):
+        main(["--config", str(ROOT / "recipes/tiny" / path), "mtp_loss_weight=0.3"])
