@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
@@ -33,6 +34,7 @@ from model.checkpoint import load_state_into
 from model.modeling import DeepseekV3PreTrainedModel
 
 from .moe import ExpertLoadTracker
+from .parallel import ExpertParallelGroups, prepare_zero3_reference
 
 CHUNK_SIZE = 4096
 
@@ -45,6 +47,26 @@ def unwrap_base(model: torch.nn.Module) -> torch.nn.Module:
     """Our DeepseekV3ForCausalLM under peft / accelerate wrappers."""
     model = getattr(model, "module", model)
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """The reference model of full (non-LoRA) DPO/KTO: a frozen copy of the initial policy.
+
+    Without a ref_model trl reloads the reference from config._name_or_path as transformers' own model class (for a
+    `preset:` there is nothing to load). Process groups cannot be copied: the copy shares the policy's (expert
+    parallelism). An expert-parallel copy is marked for ZeRO-3 here, before trl's __init__ hands it to
+    deepspeed.initialize (finetune.parallel.prepare_zero3_reference).
+    """
+    shared = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, (dist.ProcessGroup, ExpertParallelGroups)):
+                shared[id(value)] = value
+    reference = copy.deepcopy(model, memo=shared).requires_grad_(False).eval()
+    groups = getattr(reference, "expert_parallel_groups", None)
+    if groups is not None:
+        prepare_zero3_reference(reference, groups)
+    return reference
 
 
 class LossFileCallback(TrainerCallback):
@@ -225,10 +247,19 @@ def add_fused_lm_head(model: DeepseekV3PreTrainedModel, outputs: tuple[str, ...]
 
 
 class DeepseekDPOTrainer(MoETrainerMixin, DPOTrainer):
-    """trl's DPO loss family on our model; with LoRA the reference is the adapter-disabled policy (no second copy)."""
+    """trl's DPO loss family on our model; with LoRA the reference is the adapter-disabled policy (no second copy).
+
+    Full fine-tuning without a ref_model gets a frozen copy of the initial model as the reference (see
+    frozen_reference), unless precompute_ref_log_probs runs the initial policy itself.
+    """
 
     def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
-        kwargs["args"].router_aux_loss_coef = 0.0
+        config = kwargs["args"]
+        config.router_aux_loss_coef = 0.0
+        model = kwargs["model"]
+        if kwargs.get("ref_model") is None and kwargs.get("peft_config") is None and not is_peft_model(model):
+            if not config.precompute_ref_log_probs:
+                kwargs["ref_model"] = frozen_reference(model)
         super().__init__(*args, **kwargs)
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
         if self.use_weighting:
@@ -264,7 +295,7 @@ class DeepseekKTOTrainer(MoETrainerMixin, KTOTrainer):
         model = kwargs["model"]
         if kwargs.get("ref_model") is None and kwargs.get("peft_config") is None and not is_peft_model(model):
             if not config.precompute_ref_log_probs:
-                kwargs["ref_model"] = copy.deepcopy(model).requires_grad_(False).eval()
+                kwargs["ref_model"] = frozen_reference(model)
         super().__init__(*args, **kwargs)
         self.add_fused_heads()
         self.setup_moe(router_bias_gamma, router_bias_update)

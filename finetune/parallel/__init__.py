@@ -15,7 +15,13 @@ from .groups import (
     check_ep_size,
     register_with_deepspeed,
 )
-from .zero3 import init_distributed_cpu_aware, mark_expert_parameters, prepare_zero3_expert_parallel, zero3_config
+from .zero3 import (
+    init_distributed_cpu_aware,
+    mark_expert_parameters,
+    prepare_zero3_expert_parallel,
+    prepare_zero3_reference,
+    zero3_config,
+)
 
 __all__ = [
     "ALL_TO_ALL_STATS",
@@ -31,6 +37,7 @@ __all__ = [
     "init_distributed_cpu_aware",
     "mark_expert_parameters",
     "prepare_zero3_expert_parallel",
+    "prepare_zero3_reference",
     "zero3_config",
     "load_expert_parallel",
     "load_local_state",

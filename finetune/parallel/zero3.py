@@ -64,6 +64,18 @@ def prepare_zero3_expert_parallel(model: nn.Module, groups: ExpertParallelGroups
     apply_global_expert_counts(model)
 
 
+def prepare_zero3_reference(model: nn.Module, groups: ExpertParallelGroups) -> None:
+    """The same for a frozen expert-parallel reference model (full DPO/KTO), before trl's deepspeed.initialize.
+
+    Unmarked, ZeRO-3 would partition each rank's (different) experts over the whole world, so a gathered expert
+    would be a mix of ranks' experts, and the engine's start-up broadcast would give every rank rank 0's block.
+    The expert counts stay rank-local: no bias update reads the reference's.
+    """
+    register_with_deepspeed(groups)
+    apply_local_fp8(model)
+    mark_expert_parameters(model, groups)
+
+
 def zero3_config(
     micro_batch_size: int = 1,
     gradient_accumulation_steps: int = 1,
