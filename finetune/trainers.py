@@ -34,7 +34,7 @@ from model.checkpoint import load_state_into
 from model.modeling import DeepseekV3PreTrainedModel
 
 from .moe import ExpertLoadTracker
-from .parallel import ExpertParallelGroups, prepare_zero3_reference
+from .parallel import ExpertParallelGroups, prepare_zero3_expert_parallel, prepare_zero3_reference
 
 CHUNK_SIZE = 4096
 
@@ -67,6 +67,19 @@ def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
     if groups is not None:
         prepare_zero3_reference(reference, groups)
     return reference
+
+
+def prepare_precompute_engine(model: torch.nn.Module) -> None:
+    """Mark an expert-parallel policy for ZeRO-3 before trl's precompute_ref_log_probs wraps it in an engine.
+
+    trl builds that inference engine (deepspeed.initialize on the policy) inside the trainer's __init__, before the
+    stage's prepare_distributed marks the experts: unmarked, ZeRO-3 partitioned and gathered each rank's experts
+    over the whole world and the precomputed reference log-probs were wrong. prepare_distributed repeats the
+    (idempotent) preparation; a no-op without expert parallelism.
+    """
+    groups = getattr(unwrap_base(model), "expert_parallel_groups", None)
+    if groups is not None:
+        prepare_zero3_expert_parallel(model, groups)
 
 
 class LossFileCallback(TrainerCallback):
@@ -261,13 +274,24 @@ class DeepseekDPOTrainer(MoETrainerMixin, DPOTrainer):
             if not config.precompute_ref_log_probs:
                 kwargs["ref_model"] = frozen_reference(model)
         super().__init__(*args, **kwargs)
+        self.add_fused_heads()
+        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    def add_fused_heads(self) -> None:
+        """Our fused head on the policy and the reference, replacing the one trl's __init__ installs."""
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
         if self.use_weighting:
             outputs += ("log_sum_sq_probs",)
         add_fused_lm_head(unwrap_base(self.model), outputs)
         if self.ref_model is not None:
             add_fused_lm_head(unwrap_base(self.ref_model), ("log_probs",))
-        self.setup_moe(router_bias_gamma, router_bias_update)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """precompute_ref_log_probs runs inside trl's __init__, after its own fused head went on: put ours on first
+        (trl's head expects transformers' backbone output and failed on ours), and mark expert-parallel experts."""
+        self.add_fused_heads()
+        prepare_precompute_engine(self.model)
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """data_tools already wrote prompt_ids/chosen_ids/rejected_ids: trl would re-tokenize from text."""
@@ -307,8 +331,10 @@ class DeepseekKTOTrainer(MoETrainerMixin, KTOTrainer):
             add_fused_lm_head(unwrap_base(self.ref_model), ("log_probs",))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        """precompute_ref_log_probs runs inside trl's __init__, after its own fused head went on: put ours on first."""
+        """precompute_ref_log_probs runs inside trl's __init__, after its own fused head went on: put ours on first
+        (and mark expert-parallel experts, see prepare_precompute_engine)."""
         self.add_fused_heads()
+        prepare_precompute_engine(self.model)
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

@@ -1,14 +1,20 @@
 """DPO under `accelerate launch` on 2 CPU processes (gloo) equals one process on the same global batch (2 x 2 pairs
-per step against 4): LoRA DPO under plain ZeRO-3 (recipes/accelerate/zero3.yaml; the reference is the
-adapter-disabled policy), and full DPO under ZeRO-3 + expert parallelism (EP_SIZE=2, zero3_ep_cpu.yaml) with its
-separate frozen reference model, which trl hands to its own deepspeed.initialize. The logged loss and trl's rewards,
-and the saved adapter or HF checkpoint (every expert), must agree. Router biases update every step (gamma 0.01,
-router_bias_update: always), so rank-local expert counts would show too."""
+per step against 4), in three set-ups:
+- LoRA under plain ZeRO-3 (recipes/accelerate/zero3.yaml): the reference is the adapter-disabled policy;
+- full DPO under ZeRO-3 + expert parallelism (EP_SIZE=2, zero3_ep_cpu.yaml): the reference is a frozen copy of the
+  initial model, which trl hands to its own deepspeed.initialize;
+- LoRA with precompute_ref_log_probs under ZeRO-3 + EP: trl wraps the policy in a ZeRO-3 engine for the precompute.
+The logged loss, trl's rewards and the policy's log-probs, and the saved adapter or HF checkpoint (every expert)
+must agree. Router biases update every step (gamma 0.01, router_bias_update: always), so rank-local expert counts
+would show too."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,14 +27,21 @@ from data_tools.synthetic import save_demo_data
 from finetune import dpo
 
 from ..finetune.conftest import write_small_tokenizer
-from .test_launch import launch, merged
+from .launch import free_port
+from .test_launch import merged
+
+ROOT = Path(__file__).resolve().parents[2]
 
 STEPS = 3
-# fp32. Measured (2 processes vs one, 3 steps): losses 8.3e-7 relative, rewards/* 2.0e-6 absolute (a difference of
-# log-probs around -100 times beta, so an absolute bound), adapter weights 9.7e-7 and full weights 3.3e-6 absolute.
-# An unmarked expert-parallel reference (the bug this guards) moved the step-1 loss by 4.6e-3 and weights by 1.7e-2.
-LOSS_RTOL, REWARD_ATOL, ATOL, RTOL = 1e-5, 2e-5, 5e-5, 1e-4
+# fp32; the ranks sum gradients in another order than one process. Measured over the three set-ups, 3 steps (in
+# brackets: hand runs of the same set-ups against a 2-thread one-process run): losses 3.3e-7 (1.4e-6) relative,
+# rewards/* 2.4e-7 (3.9e-6) absolute (beta times a difference of log-probs near -100, so an absolute bound), policy
+# log-probs equal (8e-8 relative), adapter weights 5.1e-7 (2.0e-6) and full weights 3.1e-6 (3.3e-6) absolute.
+# The bugs these tests guard were far larger: an unmarked expert-parallel reference moved the step-1 loss by 4.6e-3
+# and the weights by 1.7e-2; an unmarked precompute engine moved the loss by 8.1e-3 and adapter weights by 1.8e-2.
+LOSS_RTOL, REWARD_ATOL, LOGP_RTOL, ATOL, RTOL = 1e-5, 2e-5, 1e-5, 5e-5, 1e-4
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins")
+LOGPS = ("logps/chosen", "logps/rejected")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +85,22 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def launch(config_file: str, stage: str, recipe: Path, out: Path, ep_size: int | None, env: dict[str, str]) -> str:
+    """accelerate launch ... -m finetune.<stage> on 2 processes (as tests/distributed/test_launch.py, plus env)."""
+    env = {k: v for k, v in {**os.environ, **env}.items() if k not in ("EP_SIZE", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    if ep_size is not None:
+        env["EP_SIZE"] = str(ep_size)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", config_file, "--num_processes", "2"]
+    command += ["--main_process_port", str(free_port()), "-m", f"finetune.{stage}"]
+    command += ["--config", str(recipe), f"output_dir={out}"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
 def run_single(recipe: Path, out: Path) -> None:
     with one_thread():
         dpo.main(["--config", str(recipe), f"output_dir={out}", "per_device_train_batch_size=4"])
@@ -91,6 +120,8 @@ def check_same_log(launched: Path, single: Path) -> None:
         assert got[step]["loss"] == pytest.approx(record["loss"], rel=LOSS_RTOL), step
         for key in REWARDS:
             assert got[step][key] == pytest.approx(record[key], abs=REWARD_ATOL), (step, key)
+        for key in LOGPS:
+            assert got[step][key] == pytest.approx(record[key], rel=LOGP_RTOL), (step, key)
 
 
 def check_same_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -99,27 +130,45 @@ def check_same_weights(state: dict[str, torch.Tensor], expected: dict[str, torch
         torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=key)
 
 
+def run_both(tmp_path: Path, inputs: dict[str, Path], config_file: str, ep_size: int | None, **values) -> None:
+    """One process with 4 pairs a step, then 2 launched processes with 2 each; the logs must agree."""
+    recipe = write_recipe(tmp_path, inputs, **values)
+    run_single(recipe, tmp_path / "single")
+    # trl caches precomputed reference log-probs in the datasets cache (keyed by the data and rank 0's weights)
+    env = {"HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")}
+    stderr = launch(config_file, "dpo", recipe, tmp_path / "launched", ep_size=ep_size, env=env)
+    # rank 0's message after the consolidated save (every expert gathered under EP)
+    assert f"(2 ranks, ep_size={ep_size or 1})" in stderr
+    check_same_log(tmp_path / "launched", tmp_path / "single")
+
+
+def check_same_adapter(launched: Path, single: Path) -> None:
+    adapter = "adapter_model.safetensors"
+    expected = load_file(single / adapter)
+    assert any(".lora_A." in k for k in expected) and any(".lora_B." in k for k in expected)
+    check_same_weights(load_file(launched / adapter), expected)
+
+
 @pytest.mark.slow
 def test_dpo_lora_zero3_launch_equals_one_process(inputs, tmp_path):
-    recipe = write_recipe(tmp_path, inputs, use_lora=True, lora_r=8)
-    run_single(recipe, tmp_path / "single")
-    stderr = launch("recipes/accelerate/zero3.yaml", "dpo", recipe, tmp_path / "zero3", ep_size=None)
-    assert "(2 ranks, ep_size=1)" in stderr
-    check_same_log(tmp_path / "zero3", tmp_path / "single")
-    adapter = "adapter_model.safetensors"
-    state, expected = load_file(tmp_path / "zero3" / adapter), load_file(tmp_path / "single" / adapter)
-    assert any(".lora_A." in k for k in expected) and any(".lora_B." in k for k in expected)
-    check_same_weights(state, expected)
+    """The recipe default: LoRA, the reference is the adapter-disabled policy, run at every step."""
+    run_both(tmp_path, inputs, "recipes/accelerate/zero3.yaml", None, use_lora=True, lora_r=8)
+    check_same_adapter(tmp_path / "launched", tmp_path / "single")
 
 
 @pytest.mark.slow
 def test_dpo_full_zero3_expert_parallel_launch_equals_one_process(inputs, tmp_path):
-    recipe = write_recipe(tmp_path, inputs, use_lora=False)
-    run_single(recipe, tmp_path / "single")
-    stderr = launch("recipes/accelerate/zero3_ep_cpu.yaml", "dpo", recipe, tmp_path / "ep", ep_size=2)
-    assert "(2 ranks, ep_size=2)" in stderr  # the policy's save gathered all 8 experts of each MoE layer
-    check_same_log(tmp_path / "ep", tmp_path / "single")
-    state = merged(tmp_path / "ep")
+    """Full DPO: the reference is a frozen copy of the initial model, which trl hands to its own ZeRO-3 engine."""
+    run_both(tmp_path, inputs, "recipes/accelerate/zero3_ep_cpu.yaml", 2, use_lora=False)
+    state = merged(tmp_path / "launched")
     check_same_weights(state, merged(tmp_path / "single"))
     # the bias update ran in the MoE decoder layer (layer 2 is the MTP layer, which no preference stage runs)
     assert state["model.layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_dpo_lora_precomputed_reference_expert_parallel_launch_equals_one_process(inputs, tmp_path):
+    """precompute_ref_log_probs: trl wraps the policy itself in a ZeRO-3 engine inside the trainer's __init__."""
+    values = {"use_lora": True, "lora_r": 8, "precompute_ref_log_probs": True}
+    run_both(tmp_path, inputs, "recipes/accelerate/zero3_ep_cpu.yaml", 2, **values)
+    check_same_adapter(tmp_path / "launched", tmp_path / "single")
