@@ -47,8 +47,10 @@ class DataRecipe:
     task: str = "sft"
     sources: list[SourceSpec] = field(default_factory=list)
     eval_sources: list[SourceSpec] = field(default_factory=list)  # used whole as eval data
-    replay_sources: list[SourceSpec] = field(default_factory=list)  # cpt: chat data mixed in against forgetting
-    replay_fraction: float = 0.0  # cpt: share of the rows that are replay
+    # Mixed into the train rows against forgetting: for cpt chat data, for sft plain text (text or text_completion)
+    replay_sources: list[SourceSpec] = field(default_factory=list)
+    replay_fraction: float = 0.0  # share of the train rows that are replay
+
     eval_fraction: float = 0.0
     max_length: int = 2048
     pack: bool = True  # sft: pack samples into rows of max_length
@@ -74,6 +76,10 @@ class DataRecipe:
         recipe = cls(**values)
         if recipe.task not in TASK_KINDS:
             raise DataError(f"unknown task {recipe.task!r}; known: {sorted(TASK_KINDS)}")
+        if recipe.replay_sources and recipe.task not in ("sft", "cpt"):
+            raise DataError(f"replay_sources: only the sft and cpt tasks mix in replay, not {recipe.task!r}")
+        if not 0.0 <= recipe.replay_fraction < 1.0:
+            raise DataError(f"replay_fraction must be in [0, 1), got {recipe.replay_fraction}")
         if recipe.on_too_long not in ON_TOO_LONG:
             raise DataError(f"on_too_long must be one of {ON_TOO_LONG}")
         if not recipe.sources:
@@ -301,9 +307,13 @@ def build_datasets(
         ds = tokenize_examples(ds, recipe, chat, report, split)
         if recipe.task == "sft" and recipe.pack:
             ds = pack_dataset(ds, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
+            if split == "train":
+                ds = mix_replay(ds, recipe, chat, report)
             if isinstance(ds, Dataset):
                 report.rows[split] = len(ds)
                 report.fill_ratio[split] = compute_fill_ratio(ds, recipe.max_length)
+        elif recipe.task == "sft" and split == "train" and recipe.replay_sources and recipe.replay_fraction > 0:
+            raise DataError("replay_sources in sft need packed rows (pack: true)")
         result[split] = ds
     return result, report
 
@@ -345,27 +355,44 @@ def build_cpt_split(
         blocks = pack_dataset(blocks, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
     else:
         blocks = build_corpus_blocks(ds.remove_columns(["_file", "_line"]), chat, recipe.max_length, recipe.num_proc)
-    if split != "train" or not recipe.replay_sources or recipe.replay_fraction <= 0:
-        if isinstance(blocks, Dataset):
-            report.rows[split] = len(blocks)
-            report.fill_ratio[split] = compute_fill_ratio(blocks, recipe.max_length)
-        return blocks
-    if isinstance(blocks, IterableDataset):
-        raise DataError("replay mixing needs a map-style dataset (streaming: false)")
+    if split == "train":
+        blocks = mix_replay(blocks, recipe, chat, report)
+    if isinstance(blocks, Dataset):
+        report.rows[split] = len(blocks)
+        report.fill_ratio[split] = compute_fill_ratio(blocks, recipe.max_length)
+    return blocks
+
+
+def build_replay_rows(recipe: DataRecipe, chat: ChatTokenizer, report: DataReport) -> Dataset:
+    """The replay sources as packed rows: chat data (cpt replay, loss on the assistant turns) or plain text (sft
+    replay: prompt/completion records as their own samples, loss on the completion; documents cut into blocks)."""
+    task = "sft" if recipe.task == "cpt" else "cpt"
     replay_recipe = DataRecipe(
-        **{**recipe.__dict__, "task": "sft", "sources": recipe.replay_sources, "eval_sources": [], "eval_fraction": 0.0}
+        **{**recipe.__dict__, "task": task, "sources": recipe.replay_sources, "eval_sources": [], "eval_fraction": 0.0}
     )
-    replay_parts = load_sources(recipe.replay_sources, "chat", replay_recipe, report)
-    replay = build_mixture(replay_parts, recipe.replay_sources, replay_recipe)
+    parts = load_sources(recipe.replay_sources, TASK_KINDS[task], replay_recipe, report)
+    replay = build_mixture(parts, recipe.replay_sources, replay_recipe)
+    if task == "cpt" and "completion" not in replay.column_names:
+        return build_corpus_blocks(replay.remove_columns(["_file", "_line"]), chat, recipe.max_length, recipe.num_proc)
     replay = tokenize_examples(replay, replay_recipe, chat, report, "replay")
-    replay = pack_dataset(replay, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
-    wanted = round(len(blocks) * recipe.replay_fraction / (1 - recipe.replay_fraction))
+    return pack_dataset(replay, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
+
+
+def mix_replay(
+    rows: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer, report: DataReport
+) -> Dataset | IterableDataset:
+    """Train rows with replay rows mixed in so that replay_fraction of the rows are replay (seeded subset or
+    repeats of the replay rows), shuffled."""
+    if not recipe.replay_sources or recipe.replay_fraction <= 0:
+        return rows
+    if isinstance(rows, IterableDataset):
+        raise DataError("replay mixing needs a map-style dataset (streaming: false)")
+    replay = build_replay_rows(recipe, chat, report)
+    wanted = round(len(rows) * recipe.replay_fraction / (1 - recipe.replay_fraction))
     replay = apply_weight(replay, wanted / max(len(replay), 1), recipe.seed)
-    mixed = datasets.concatenate_datasets([blocks, replay.cast(blocks.features)]).shuffle(seed=recipe.seed)
-    mixed = mixed.flatten_indices()
-    report.rows[split] = len(mixed)
-    report.fill_ratio[split] = compute_fill_ratio(mixed, recipe.max_length)
-    return mixed
+    report.rows["replay"] = len(replay)
+    mixed = datasets.concatenate_datasets([rows, replay.cast(rows.features)]).shuffle(seed=recipe.seed)
+    return mixed.flatten_indices()
 
 
 def save_datasets(splits: dict[str, Dataset], report: DataReport, output_dir: str | Path) -> None:

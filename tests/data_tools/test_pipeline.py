@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from data_tools.cli import main
+from data_tools.errors import DataError
 from data_tools.pipeline import DataRecipe, build_datasets, load_recipe
 from data_tools.sources import SourceSpec
 from data_tools.synthetic import build_demo_data, save_demo_data
@@ -167,3 +168,32 @@ def test_cli_prepare_validate_and_one_line_error(demo, tmp_path, capsys):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:2: invalid JSON")
     assert "Traceback" not in result.stderr
+
+
+def test_sft_with_plain_text_replay(demo, tokenizer):
+    """SFT rows with plain-text prompt/completion replay rows mixed in (against forgetting what the Base knows):
+    the asked share of rows, replay samples without the chat template and with loss on the completion only."""
+    recipe = DataRecipe(
+        sources=[SourceSpec(str(demo / "sft.jsonl"))],
+        max_length=64,
+        replay_sources=[SourceSpec(str(demo / "facts.jsonl"), format="text_completion")],
+        replay_fraction=0.2,
+    )
+    splits, report = build_datasets(recipe, tokenizer)
+    train = splits["train"]
+    user = tokenizer.convert_tokens_to_ids("<｜User｜>")
+    replay = [r for r in train if user not in r["input_ids"]]
+    assert report.rows["replay"] == len(replay) and abs(len(replay) / len(train) - 0.2) < 0.01
+    assert all(user in r["input_ids"] for r in train if r not in replay)  # chat rows hold chats only
+    row = replay[0]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+    for start, length in zip(starts, row["seq_lengths"]):
+        ids, labels = row["input_ids"][start : start + length], row["labels"][start : start + length]
+        trained = [x for x in labels if x != -100]
+        prompt = tokenizer.decode(ids[1 : len(ids) - len(trained)])
+        a, b = prompt.split(" = ")[0].split(" + ")
+        assert int(tokenizer.decode(trained[:-1])) == int(a) + int(b) and trained[-1] == tokenizer.eos_token_id
+    with pytest.raises(DataError, match="replay_fraction must be in"):
+        DataRecipe.from_dict({"sources": ["x.jsonl"], "replay_sources": ["y.jsonl"], "replay_fraction": 1.0})
+    with pytest.raises(DataError, match="only the sft and cpt tasks"):
+        DataRecipe.from_dict({"task": "dpo", "sources": ["x.jsonl"], "replay_sources": ["y.jsonl"]})
