@@ -4,7 +4,7 @@
 
 1. data: arithmetic chats, held-out questions, preference pairs and a plain-text corpus (data_tools.synthetic);
 2. Base: a tiny DeepSeek-V3 (real 129K vocabulary), random init, `cpt` on the corpus only (never the chat format);
-3. SFT: LoRA on attention + shared experts (recipes/tiny/sft/lora.yaml), merged (finetune.export);
+3. SFT: LoRA on attention, with plain-text replay of the corpus (recipes/tiny/sft/lora.yaml), merged (finetune.export);
 4. DPO: LoRA on the SFT model, reference = adapter disabled (recipes/tiny/dpo/lora.yaml), exported as the Chat model;
 5. evaluation of Base, SFT and Chat on held-out questions and preference pairs; report.md + PNG plots.
 """
@@ -124,6 +124,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
                 "output_dir": str(out / "sft"),
                 "max_steps": scaled("sft/lora.yaml", scale),
                 "data.sources": [str(paths["sft"])],
+                "data.replay_sources": [{"path": str(paths["facts"]), "format": "text_completion"}],
             }
         )
     )
