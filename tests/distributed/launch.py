@@ -6,14 +6,42 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 # DeepSpeed JIT-builds a C++ op for CPUs at init (about 90 s once): keep the build cached between runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(
+    config_file: str, stage: str, recipe: Path, out: Path, ep_size: int | None, env: dict[str, str] | None = None
+) -> str:
+    """accelerate launch ... -m finetune.<stage> on 2 processes (extra `env` on top of this one's); returns stderr
+    (fails the test on a bad exit)."""
+    env = {
+        k: v
+        for k, v in {**os.environ, **(env or {})}.items()
+        if k not in ("EP_SIZE", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    }
+    env.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    if ep_size is not None:
+        env["EP_SIZE"] = str(ep_size)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", config_file, "--num_processes", "2"]
+    command += ["--main_process_port", str(free_port()), "-m", f"finetune.{stage}"]
+    command += ["--config", str(recipe), f"output_dir={out}"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
 
 
 def free_port() -> int:

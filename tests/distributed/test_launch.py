@@ -7,9 +7,6 @@ counts or experts went astray would show in the saved weights."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +20,8 @@ from model import DeepseekV3ForCausalLM
 from model.checkpoint import list_checkpoint_files
 
 from ..finetune.conftest import write_small_tokenizer
-from .launch import free_port
+from .launch import launch
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 # fp32; ZeRO-3 sums gradients in another order than one process: measured 1e-7 relative on the losses and 5e-6
 # absolute on the weights after 4 steps. A rank-local router-bias update (the bug this guards) moved weights 3e-3.
@@ -61,23 +57,6 @@ def write_recipe(folder: Path, inputs: dict[str, Path], task: str) -> Path:
     path = folder / f"{task}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def launch(config_file: str, stage: str, recipe: Path, out: Path, ep_size: int | None) -> str:
-    """accelerate launch ... -m finetune.<stage> on 2 processes; returns stderr (fails the test on a bad exit)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("EP_SIZE", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    # DeepSpeed JIT-builds its CPU comm op in every fresh process; the cache makes that a load (~90 s once).
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    if ep_size is not None:
-        env["EP_SIZE"] = str(ep_size)
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--config_file", config_file, "--num_processes", "2"]
-    command += ["--main_process_port", str(free_port()), "-m", f"finetune.{stage}"]
-    command += ["--config", str(recipe), f"output_dir={out}"]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stderr
 
 
 def losses(folder: Path) -> dict[int, float]:

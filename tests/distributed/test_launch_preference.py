@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,10 +24,8 @@ from data_tools.synthetic import save_demo_data
 from finetune import dpo
 
 from ..finetune.conftest import write_small_tokenizer
-from .launch import free_port
+from .launch import launch
 from .test_launch import merged
-
-ROOT = Path(__file__).resolve().parents[2]
 
 STEPS = 3
 # fp32; the ranks sum gradients in another order than one process. Measured over the three set-ups, 3 steps (in
@@ -83,22 +78,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def launch(config_file: str, stage: str, recipe: Path, out: Path, ep_size: int | None, env: dict[str, str]) -> str:
-    """accelerate launch ... -m finetune.<stage> on 2 processes (as tests/distributed/test_launch.py, plus env)."""
-    env = {k: v for k, v in {**os.environ, **env}.items() if k not in ("EP_SIZE", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    if ep_size is not None:
-        env["EP_SIZE"] = str(ep_size)
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--config_file", config_file, "--num_processes", "2"]
-    command += ["--main_process_port", str(free_port()), "-m", f"finetune.{stage}"]
-    command += ["--config", str(recipe), f"output_dir={out}"]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stderr
 
 
 def run_single(recipe: Path, out: Path) -> None:
