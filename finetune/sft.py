@@ -9,8 +9,16 @@ from __future__ import annotations
 from data_tools import DataCollator
 
 from .config import SFTStageConfig
-from .stage import apply_lora, build_data, build_model, build_tokenizer, parse_stage_args, train_and_save
-from .trainers import DeepseekSFTTrainer, LossFileCallback, trainer_kwargs
+from .stage import (
+    apply_lora,
+    build_data,
+    build_model,
+    build_tokenizer,
+    loss_callbacks,
+    parse_stage_args,
+    train_and_save,
+)
+from .trainers import DeepseekSFTTrainer, trainer_kwargs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +28,6 @@ def main(argv: list[str] | None = None) -> None:
     train, evaluation = build_data(config, "sft", tokenizer, model.config.vocab_size)
     if config.use_lora:
         model = apply_lora(model, config)
-    callbacks = [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
     trainer = DeepseekSFTTrainer(
         model=model,
         args=config,
@@ -28,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=evaluation,
         data_collator=DataCollator(pad_id=tokenizer.eos_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=loss_callbacks(config),
         **trainer_kwargs(config),
     )
     train_and_save(trainer, config)

@@ -178,9 +178,13 @@ def train_and_save(trainer: Any, config: Any) -> None:
     print(f"saved to {config.output_dir}", file=sys.stderr)
 
 
+def loss_callbacks(config: Any) -> list:
+    """The LossFileCallback writing every log record to output_dir/loss_log_file (none when that is empty)."""
+    return [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
+
+
 def train_preference_stage(trainer_cls: type, config: Any, model: Any, tokenizer: Any, train: Any, evaluation: Any):
     """Build a preference trainer (DPO, KTO, CPO, ORPO) the same way for every stage, train it and save."""
-    callbacks = [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
     trainer = trainer_cls(
         model=model,
         args=config,
@@ -188,7 +192,7 @@ def train_preference_stage(trainer_cls: type, config: Any, model: Any, tokenizer
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=build_lora_config_from(model, config) if config.use_lora else None,
-        callbacks=callbacks,
+        callbacks=loss_callbacks(config),
         **trainer_kwargs(config),
     )
     train_and_save(trainer, config)

@@ -69,6 +69,15 @@ def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
+def add_default_reference(kwargs: dict[str, Any]) -> None:
+    """A DPO/KTO trainer's keyword arguments get the frozen_reference of the policy as ref_model when full fine-tuning
+    gives none and precompute_ref_log_probs does not run the initial policy itself (LoRA: adapter-disabled policy)."""
+    model = kwargs["model"]
+    if kwargs.get("ref_model") is None and kwargs.get("peft_config") is None and not is_peft_model(model):
+        if not kwargs["args"].precompute_ref_log_probs:
+            kwargs["ref_model"] = frozen_reference(model)
+
+
 def prepare_precompute_engine(model: torch.nn.Module) -> None:
     """Mark an expert-parallel policy for ZeRO-3 before trl's precompute_ref_log_probs wraps it in an engine.
 
@@ -267,12 +276,8 @@ class DeepseekDPOTrainer(MoETrainerMixin, DPOTrainer):
     """
 
     def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
-        config = kwargs["args"]
-        config.router_aux_loss_coef = 0.0
-        model = kwargs["model"]
-        if kwargs.get("ref_model") is None and kwargs.get("peft_config") is None and not is_peft_model(model):
-            if not config.precompute_ref_log_probs:
-                kwargs["ref_model"] = frozen_reference(model)
+        kwargs["args"].router_aux_loss_coef = 0.0
+        add_default_reference(kwargs)
         super().__init__(*args, **kwargs)
         self.add_fused_heads()
         self.setup_moe(router_bias_gamma, router_bias_update)
@@ -314,12 +319,8 @@ class DeepseekKTOTrainer(MoETrainerMixin, KTOTrainer):
     """
 
     def __init__(self, *args, router_bias_gamma: float | None = None, router_bias_update: str | None = None, **kwargs):
-        config = kwargs["args"]
-        config.router_aux_loss_coef = 0.0
-        model = kwargs["model"]
-        if kwargs.get("ref_model") is None and kwargs.get("peft_config") is None and not is_peft_model(model):
-            if not config.precompute_ref_log_probs:
-                kwargs["ref_model"] = frozen_reference(model)
+        kwargs["args"].router_aux_loss_coef = 0.0
+        add_default_reference(kwargs)
         super().__init__(*args, **kwargs)
         self.add_fused_heads()
         self.setup_moe(router_bias_gamma, router_bias_update)
