@@ -193,6 +193,9 @@ def test_sft_with_plain_text_replay(demo, tokenizer):
         prompt = tokenizer.decode(ids[1 : len(ids) - len(trained)])
         a, b = prompt.split(" = ")[0].split(" + ")
         assert int(tokenizer.decode(trained[:-1])) == int(a) + int(b) and trained[-1] == tokenizer.eos_token_id
+    unpacked = DataRecipe(**{**recipe.__dict__, "pack": False})
+    with pytest.raises(DataError, match=r"replay_sources in sft need packed rows \(pack: true\)"):
+        build_datasets(unpacked, tokenizer)
     with pytest.raises(DataError, match="replay_fraction must be in"):
         DataRecipe.from_dict({"sources": ["x.jsonl"], "replay_sources": ["y.jsonl"], "replay_fraction": 1.0})
     with pytest.raises(DataError, match="only the sft and cpt tasks"):
