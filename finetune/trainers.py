@@ -171,6 +171,9 @@ class MoETrainerMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir, self.args.save_total_limit = real, limit
+        # Every rank writes its own part (its RNG state after DeepSpeed's last barrier): a rename before a late rank
+        # wrote it lost that file, which then landed in a fresh staging folder nobody renames.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
             if os.path.exists(final):

@@ -23,10 +23,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def launch(
-    config_file: str, stage: str, recipe: Path, out: Path, ep_size: int | None, env: dict[str, str] | None = None
+    config_file: str,
+    stage: str,
+    recipe: Path,
+    out: Path,
+    ep_size: int | None,
+    env: dict[str, str] | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> str:
-    """accelerate launch ... -m finetune.<stage> on 2 processes (extra `env` on top of this one's); returns stderr
-    (fails the test on a bad exit)."""
+    """accelerate launch ... -m finetune.<stage> on 2 processes (extra `env` on top of this one's, `key=value`
+    overrides after the recipe); returns stderr (fails the test on a bad exit)."""
+    proc = launch_module(config_file, [f"finetune.{stage}"], recipe, out, ep_size, env, overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
+def launch_module(
+    config_file: str,
+    module: list[str],
+    recipe: Path,
+    out: Path,
+    ep_size: int | None,
+    env: dict[str, str] | None = None,
+    overrides: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """accelerate launch ... -m <module and its first arguments> --config <recipe> output_dir=<out> <overrides> on 2
+    processes, whatever its exit."""
     env = {
         k: v
         for k, v in {**os.environ, **(env or {})}.items()
@@ -37,11 +59,9 @@ def launch(
         env["EP_SIZE"] = str(ep_size)
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", config_file, "--num_processes", "2"]
-    command += ["--main_process_port", str(free_port()), "-m", f"finetune.{stage}"]
-    command += ["--config", str(recipe), f"output_dir={out}"]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stderr
+    command += ["--main_process_port", str(free_port()), "-m", *module]
+    command += ["--config", str(recipe), f"output_dir={out}", *overrides]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
 def free_port() -> int:

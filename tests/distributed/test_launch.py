@@ -2,7 +2,8 @@
 recipes/accelerate/zero3_ep_cpu.yaml) for SFT and plain ZeRO-3 (recipes/accelerate/zero3.yaml) for CPT log the same
 losses and save the same HF checkpoint, every expert present, as one process on the same global batch (2 x 2 rows
 per step against 4 rows). Router biases update (gamma 0.01) and the MTP loss is on, so a rank whose expert
-counts or experts went astray would show in the saved weights."""
+counts or experts went astray would show in the saved weights. A launched SFT run killed (SIGKILL) in step 3 and
+relaunched with resume_from_checkpoint=true ends as the uninterrupted launch does."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from model import DeepseekV3ForCausalLM
 from model.checkpoint import list_checkpoint_files
 
 from ..finetune.conftest import write_small_tokenizer
-from .launch import launch
+from .launch import launch, launch_module
 
 STEPS = 4
 # fp32; ZeRO-3 sums gradients in another order than one process: measured 1e-7 relative on the losses and 5e-6
@@ -101,3 +102,29 @@ def test_cpt_zero3_launch_equals_one_process(inputs, tmp_path):
     stderr = launch("recipes/accelerate/zero3.yaml", "cpt", recipe, tmp_path / "zero3", ep_size=None)
     assert "(2 ranks, ep_size=1)" in stderr
     check_same_run(tmp_path / "zero3", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(inputs, tmp_path):
+    """Every rank killed (SIGKILL) in step 3, after checkpoint-2 (DeepSpeed's ZeRO-3 + EP states, the HF folder, each
+    rank's RNG state) was saved; the relaunch resumes from it and logs steps 3-4 and saves the final checkpoint exactly
+    as the uninterrupted launch (measured bitwise equal: the same ranks redo the same sums)."""
+    recipe = write_recipe(tmp_path, inputs, "sft")
+    config, saving = "recipes/accelerate/zero3_ep_cpu.yaml", ("save_strategy=steps", "save_steps=2")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    launch(config, "sft", recipe, straight, ep_size=2, overrides=saving)
+    module = ["tests.distributed.kill_at_step", "sft"]
+    proc = launch_module(config, module, recipe, killed, 2, env={"KILL_AT_STEP": "3"}, overrides=saving)
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-4000:]
+    assert sorted(losses(killed)) == [1, 2]
+    assert [p.name for p in killed.iterdir() if p.is_dir()] == ["checkpoint-2"]  # no staging folder left behind
+    # kill_at_step makes rank 1 a second late with its RNG state: the rename must wait for it
+    rng_files = sorted(p.name for p in (killed / "checkpoint-2").glob("rng_state_*.pth"))
+    assert rng_files == ["rng_state_0.pth", "rng_state_1.pth"]
+    launch(config, "sft", recipe, killed, ep_size=2, overrides=(*saving, "resume_from_checkpoint=true"))
+    records = [json.loads(line) for line in (killed / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # resumed at step 3, not restarted at 1
+    assert losses(killed) == losses(straight)
+    state, expected = merged(killed), merged(straight)
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], value) for key, value in expected.items())
