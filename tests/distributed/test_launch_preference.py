@@ -1,15 +1,18 @@
-"""DPO under `accelerate launch` on 2 CPU processes (gloo) equals one process on the same global batch (2 x 2 pairs
-per step against 4), in three set-ups:
+"""The preference stages under `accelerate launch` on 2 CPU processes (gloo) equal one process on the same global
+batch (2 x 2 pairs per step against 4). DPO in three set-ups:
 - LoRA under plain ZeRO-3 (recipes/accelerate/zero3.yaml): the reference is the adapter-disabled policy;
 - full DPO under ZeRO-3 + expert parallelism (EP_SIZE=2, zero3_ep_cpu.yaml): the reference is a frozen copy of the
   initial model, which trl hands to its own deepspeed.initialize;
 - LoRA with precompute_ref_log_probs under ZeRO-3 + EP: trl wraps the policy in a ZeRO-3 engine for the precompute.
-The logged loss, trl's rewards and the policy's log-probs, and the saved adapter or HF checkpoint (every expert)
-must agree. Router biases update every step (gamma 0.01, router_bias_update: always), so rank-local expert counts
-would show too."""
+The reference-free stages: ORPO with LoRA under ZeRO-3, CPO (sigmoid + NLL of the chosen answer) full under
+ZeRO-3 + EP, SimPO with LoRA under ZeRO-3 + EP.
+The logged loss, gradient norm, trl's rewards and the policy's log-probs (and the NLL and log-odds terms where the
+stage logs them), and the saved adapter or HF checkpoint (every expert) must agree. Router biases update every step
+(gamma 0.01, router_bias_update: always), so rank-local expert counts would show too."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from contextlib import contextmanager
@@ -21,32 +24,56 @@ import yaml
 from safetensors.torch import load_file
 
 from data_tools.synthetic import save_demo_data
-from finetune import dpo
 
 from ..finetune.conftest import write_small_tokenizer
 from .launch import launch
 from .test_launch import merged
 
 STEPS = 3
-# fp32; the ranks sum gradients in another order than one process. Measured over the three set-ups, 3 steps (in
+# fp32; the ranks sum gradients in another order than one process. Measured over the three DPO set-ups, 3 steps (in
 # brackets: hand runs of the same set-ups against a 2-thread one-process run): losses 3.3e-7 (1.4e-6) relative,
 # rewards/* 2.4e-7 (3.9e-6) absolute (beta times a difference of log-probs near -100, so an absolute bound), policy
-# log-probs equal (8e-8 relative), adapter weights 5.1e-7 (2.0e-6) and full weights 3.1e-6 (3.3e-6) absolute.
+# log-probs equal (8e-8 relative), grad_norm 2.1e-6 relative, adapter weights 5.1e-7 (2.0e-6) and full weights
+# 3.1e-6 (3.3e-6) absolute.
+# ORPO, CPO and SimPO: losses and nll_loss 1.4e-7 relative, rewards/* and log-odds 2.4e-7 absolute, log-probs
+# 7.3e-8 relative, grad_norm 6.2e-8 (LoRA) and 2.4e-6 (full, EP) relative, adapter weights 1.6e-6 and full weights
+# 4.8e-6 absolute (a hand run on other pairs: 1.7e-5 in one element of a dense down_proj, where Adam's first steps
+# divide a near-zero gradient by its own size).
 # The bugs these tests guard were far larger: an unmarked expert-parallel reference moved the step-1 loss by 4.6e-3
-# and the weights by 1.7e-2; an unmarked precompute engine moved the loss by 8.1e-3 and adapter weights by 1.8e-2.
-LOSS_RTOL, REWARD_ATOL, LOGP_RTOL, ATOL, RTOL = 1e-5, 2e-5, 1e-5, 5e-5, 1e-4
+# and the weights by 1.7e-2; an unmarked precompute engine moved the loss by 8.1e-3 and adapter weights by 1.8e-2;
+# a rank-local token mean in the NLL term (ORPO, CPO) moved the step-1 loss by 1.4e-4 (ORPO) and 4.1e-5 (CPO)
+# relative, CPO's grad_norm by 1.5e-3 and its step-3 loss by 1.9e-2.
+LOSS_RTOL, REWARD_ATOL, LOGP_RTOL, GRAD_NORM_RTOL, ATOL, RTOL = 1e-5, 2e-5, 1e-5, 3e-5, 5e-5, 1e-4
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins")
 LOGPS = ("logps/chosen", "logps/rejected")
+# pytest.approx tolerances of each logged value, compared wherever the one-process run logged it
+LOG_TOLERANCES = {
+    "loss": {"rel": LOSS_RTOL},
+    "nll_loss": {"rel": LOSS_RTOL},
+    "grad_norm": {"rel": GRAD_NORM_RTOL},
+    **{key: {"abs": REWARD_ATOL} for key in (*REWARDS, "log_odds_ratio", "log_odds_chosen")},
+    **{key: {"rel": LOGP_RTOL} for key in LOGPS},
+}
+# the first step's loss where it is known: DPO's policy equals its reference on every rank
+FIRST_LOSS = {"dpo": math.log(2)}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("launch_preference")
     data = save_demo_data(root / "data", num_train=4, num_eval=2, num_preference=16)
-    return {"tokenizer": write_small_tokenizer(root / "tok"), **data}
+    # Every demo pair's chosen answer is one number, so a token mean over chosen answers (CPO's NLL term) is the same
+    # per rank and globally; with the longer answer chosen they are 2 or 24 tokens and the ranks' counts differ.
+    longer = root / "data" / "preference_longer_chosen.jsonl"
+    with open(longer, "w") as f:
+        for line in data["preference"].read_text().splitlines():
+            pair = json.loads(line)
+            short, long = sorted((pair["chosen"], pair["rejected"]), key=lambda m: len(m[0]["content"]))
+            f.write(json.dumps({**pair, "chosen": long, "rejected": short}) + "\n")
+    return {"tokenizer": write_small_tokenizer(root / "tok"), "preference_longer_chosen": longer, **data}
 
 
-def write_recipe(folder: Path, inputs: dict[str, Path], **values) -> Path:
+def write_recipe(folder: Path, inputs: dict[str, Path], stage: str, **values) -> Path:
     recipe = {
         "model_name_or_path": "preset:tiny",
         "model_overrides": {"num_hidden_layers": 2},
@@ -63,7 +90,7 @@ def write_recipe(folder: Path, inputs: dict[str, Path], **values) -> Path:
         "data": {"sources": [str(inputs["preference"])], "max_length": 64},
         **values,
     }
-    path = folder / "dpo.yaml"
+    path = folder / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -80,9 +107,10 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def run_single(recipe: Path, out: Path) -> None:
+def run_single(stage: str, recipe: Path, out: Path) -> None:
     with one_thread():
-        dpo.main(["--config", str(recipe), f"output_dir={out}", "per_device_train_batch_size=4"])
+        module = importlib.import_module(f"finetune.{stage}")
+        module.main(["--config", str(recipe), f"output_dir={out}", "per_device_train_batch_size=4"])
 
 
 def logged(folder: Path) -> dict[int, dict[str, float]]:
@@ -90,17 +118,17 @@ def logged(folder: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: r for r in records if "loss" in r}
 
 
-def check_same_log(launched: Path, single: Path) -> None:
+def check_same_log(stage: str, launched: Path, single: Path) -> None:
     got, want = logged(launched), logged(single)
     assert sorted(got) == list(range(1, STEPS + 1)) and got.keys() == want.keys()
-    assert got[1]["loss"] == pytest.approx(math.log(2), abs=1e-6), "step 1: policy == reference on every rank"
-    assert got[STEPS]["rewards/margins"] > 0
+    if stage in FIRST_LOSS:
+        assert got[1]["loss"] == pytest.approx(FIRST_LOSS[stage], abs=1e-6), "step 1"
+    assert got[STEPS]["rewards/margins"] > got[1]["rewards/margins"]  # the preference trained
     for step, record in want.items():
-        assert got[step]["loss"] == pytest.approx(record["loss"], rel=LOSS_RTOL), step
-        for key in REWARDS:
-            assert got[step][key] == pytest.approx(record[key], abs=REWARD_ATOL), (step, key)
-        for key in LOGPS:
-            assert got[step][key] == pytest.approx(record[key], rel=LOGP_RTOL), (step, key)
+        assert {"loss", "grad_norm", *REWARDS, *LOGPS} <= record.keys()
+        for key, tolerance in LOG_TOLERANCES.items():
+            if key in record:
+                assert got[step][key] == pytest.approx(record[key], **tolerance), (step, key)
 
 
 def check_same_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -109,16 +137,18 @@ def check_same_weights(state: dict[str, torch.Tensor], expected: dict[str, torch
         torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=key)
 
 
-def run_both(tmp_path: Path, inputs: dict[str, Path], config_file: str, ep_size: int | None, **values) -> None:
+def run_both(
+    tmp_path: Path, inputs: dict[str, Path], config_file: str, ep_size: int | None, stage: str = "dpo", **values
+) -> None:
     """One process with 4 pairs a step, then 2 launched processes with 2 each; the logs must agree."""
-    recipe = write_recipe(tmp_path, inputs, **values)
-    run_single(recipe, tmp_path / "single")
+    recipe = write_recipe(tmp_path, inputs, stage, **values)
+    run_single(stage, recipe, tmp_path / "single")
     # trl caches precomputed reference log-probs in the datasets cache (keyed by the data and rank 0's weights)
     env = {"HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")}
-    stderr = launch(config_file, "dpo", recipe, tmp_path / "launched", ep_size=ep_size, env=env)
+    stderr = launch(config_file, stage, recipe, tmp_path / "launched", ep_size=ep_size, env=env)
     # rank 0's message after the consolidated save (every expert gathered under EP)
     assert f"(2 ranks, ep_size={ep_size or 1})" in stderr
-    check_same_log(tmp_path / "launched", tmp_path / "single")
+    check_same_log(stage, tmp_path / "launched", tmp_path / "single")
 
 
 def check_same_adapter(launched: Path, single: Path) -> None:
@@ -150,4 +180,31 @@ def test_dpo_lora_precomputed_reference_expert_parallel_launch_equals_one_proces
     """precompute_ref_log_probs: trl wraps the policy itself in a ZeRO-3 engine inside the trainer's __init__."""
     values = {"use_lora": True, "lora_r": 8, "precompute_ref_log_probs": True}
     run_both(tmp_path, inputs, "recipes/accelerate/zero3_ep_cpu.yaml", 2, **values)
+    check_same_adapter(tmp_path / "launched", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_orpo_lora_zero3_launch_equals_one_process(inputs, tmp_path):
+    """ORPO: the NLL term is a token mean over prompt + chosen of the whole global batch, not of each rank's rows."""
+    run_both(tmp_path, inputs, "recipes/accelerate/zero3.yaml", None, "orpo", use_lora=True, lora_r=8)
+    check_same_adapter(tmp_path / "launched", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_cpo_full_zero3_expert_parallel_launch_equals_one_process(inputs, tmp_path):
+    """CPO (sigmoid + cpo_alpha 1 times the NLL of the chosen answers, which differ in length), full weights, experts
+    split over the ranks."""
+    data = {"sources": [str(inputs["preference_longer_chosen"])], "max_length": 64}
+    values = {"use_lora": False, "loss_type": "sigmoid", "cpo_alpha": 1.0, "data": data}
+    run_both(tmp_path, inputs, "recipes/accelerate/zero3_ep_cpu.yaml", 2, "cpo", **values)
+    state = merged(tmp_path / "launched")
+    check_same_weights(state, merged(tmp_path / "single"))
+    assert state["model.layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_simpo_lora_expert_parallel_launch_equals_one_process(inputs, tmp_path):
+    """SimPO (CPO with loss_type simpo, no NLL): length-normalised log-probs, LoRA on the expert-parallel model."""
+    values = {"use_lora": True, "lora_r": 8, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 1.0}
+    run_both(tmp_path, inputs, "recipes/accelerate/zero3_ep_cpu.yaml", 2, "cpo", **values)
     check_same_adapter(tmp_path / "launched", tmp_path / "single")
