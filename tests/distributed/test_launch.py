@@ -27,6 +27,8 @@ STEPS = 4
 # fp32; ZeRO-3 sums gradients in another order than one process: measured 1e-7 relative on the losses and 5e-6
 # absolute on the weights after 4 steps. A rank-local router-bias update (the bug this guards) moved weights 3e-3.
 LOSS_RTOL, ATOL, RTOL = 1e-5, 5e-5, 1e-4
+EP_CONFIG = "recipes/accelerate/zero3_ep_cpu.yaml"
+SAVING = ("save_strategy=steps", "save_steps=2")  # checkpoint-2 is where the resume test's killed run restarts
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,17 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("launch")
     data = save_demo_data(root / "data", num_train=120, num_eval=10, num_preference=8)
     return {"tokenizer": write_small_tokenizer(root / "tok"), **data}
+
+
+@pytest.fixture(scope="module")
+def sft_launched(inputs, tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, output folder) of the SFT recipe launched under ZeRO-3 + EP 2, saving a checkpoint every 2 steps:
+    the run that one process and a killed-and-resumed launch must both match."""
+    folder = tmp_path_factory.mktemp("sft_launched")
+    recipe = write_recipe(folder, inputs, "sft")
+    stderr = launch(EP_CONFIG, "sft", recipe, folder / "ep", ep_size=2, overrides=SAVING)
+    assert "(2 ranks, ep_size=2)" in stderr  # each rank held 4 of the 8 experts; the save gathered all of them
+    return recipe, folder / "ep"
 
 
 def write_recipe(folder: Path, inputs: dict[str, Path], task: str) -> Path:
@@ -87,12 +100,10 @@ def check_same_run(launched: Path, single: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sft_zero3_expert_parallel_launch_equals_one_process(inputs, tmp_path):
-    recipe = write_recipe(tmp_path, inputs, "sft")
+def test_sft_zero3_expert_parallel_launch_equals_one_process(sft_launched, tmp_path):
+    recipe, launched = sft_launched
     sft.main(["--config", str(recipe), f"output_dir={tmp_path / 'single'}", "per_device_train_batch_size=4"])
-    stderr = launch("recipes/accelerate/zero3_ep_cpu.yaml", "sft", recipe, tmp_path / "ep", ep_size=2)
-    assert "(2 ranks, ep_size=2)" in stderr  # each rank held 4 of the 8 experts; the save gathered all of them
-    check_same_run(tmp_path / "ep", tmp_path / "single")
+    check_same_run(launched, tmp_path / "single")
 
 
 @pytest.mark.slow
@@ -105,23 +116,21 @@ def test_cpt_zero3_launch_equals_one_process(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(inputs, tmp_path):
+def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(sft_launched, tmp_path):
     """Every rank killed (SIGKILL) in step 3, after checkpoint-2 (DeepSpeed's ZeRO-3 + EP states, the HF folder, each
     rank's RNG state) was saved; the relaunch resumes from it and logs steps 3-4 and saves the final checkpoint exactly
     as the uninterrupted launch (measured bitwise equal: the same ranks redo the same sums)."""
-    recipe = write_recipe(tmp_path, inputs, "sft")
-    config, saving = "recipes/accelerate/zero3_ep_cpu.yaml", ("save_strategy=steps", "save_steps=2")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    launch(config, "sft", recipe, straight, ep_size=2, overrides=saving)
+    recipe, straight = sft_launched
+    killed = tmp_path / "killed"
     module = ["tests.distributed.kill_at_step", "sft"]
-    proc = launch_module(config, module, recipe, killed, 2, env={"KILL_AT_STEP": "3"}, overrides=saving)
+    proc = launch_module(EP_CONFIG, module, recipe, killed, 2, env={"KILL_AT_STEP": "3"}, overrides=SAVING)
     assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-4000:]
     assert sorted(losses(killed)) == [1, 2]
     assert [p.name for p in killed.iterdir() if p.is_dir()] == ["checkpoint-2"]  # no staging folder left behind
     # kill_at_step makes rank 1 a second late with its RNG state: the rename must wait for it
     rng_files = sorted(p.name for p in (killed / "checkpoint-2").glob("rng_state_*.pth"))
     assert rng_files == ["rng_state_0.pth", "rng_state_1.pth"]
-    launch(config, "sft", recipe, killed, ep_size=2, overrides=(*saving, "resume_from_checkpoint=true"))
+    launch(EP_CONFIG, "sft", recipe, killed, ep_size=2, overrides=(*SAVING, "resume_from_checkpoint=true"))
     records = [json.loads(line) for line in (killed / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # resumed at step 3, not restarted at 1
     assert losses(killed) == losses(straight)
