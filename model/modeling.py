@@ -139,47 +139,63 @@ def shifted_targets(labels: torch.Tensor, segments: torch.Tensor | None, shift: 
     return targets
 
 
+LOGITS_CHUNK_BYTES = 128 << 20  # fp32 logits held at once by the fused head loss
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, t_i), with the gradients computed chunk by chunk during the forward pass.
+    """scale * sum_i CE(h_i W^T, t_i), with the gradients computed chunk by chunk during the forward pass.
 
     The [N, V] logits, their log-softmax and their gradient are never held whole (only [chunk, V] at a time) and
     softmax - onehot is formed in place of the logits: the same GEMMs as the unfused path with a fraction of the
-    memory traffic. Only used when a backward will follow, since it runs the backward GEMMs eagerly.
+    memory traffic. Only used when a backward will follow, since it runs the backward GEMMs eagerly. Chunks are of
+    equal size (130 rows under a 129-row cap ran as 129 + 1, streaming the [V, H] weight twice for one row), and
+    `scale` (the 1 / token count of the mean) is applied to the [C, H] factors rather than to the [V, H] weight
+    gradient, so that a backward with an output gradient of 1 returns the saved gradients untouched.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, max_rows: int, scale: torch.Tensor
+    ) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.empty_like(weight, dtype=torch.float32) if want_weight else None
-        for start in range(0, hidden.shape[0], chunk):
+        rows = hidden.shape[0]
+        chunk = -(-rows // -(-rows // max_rows)) if rows else 1  # ceil(rows / number of chunks)
+        for start in range(0, rows, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]  # [C, H], [C]
             logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # [C, V]
-            rows = torch.arange(len(t), device=t.device)
-            total -= logp[rows, t].sum()
+            index = torch.arange(len(t), device=t.device)
+            total -= logp[index, t].sum()
             grad = logp.exp_()  # softmax
-            grad[rows, t] -= 1.0
+            grad[index, t] -= 1.0
             grad = grad.to(hidden.dtype)
             if want_hidden:
-                grad_hidden[start : start + chunk] = grad @ weight
+                grad_hidden[start : start + chunk] = ((grad @ weight).float() * scale).to(hidden.dtype)
             if want_weight:
+                scaled = h.float() * scale
                 if start == 0:
-                    torch.mm(grad.T.float(), h.float(), out=grad_weight)
+                    torch.mm(grad.T.float(), scaled, out=grad_weight)
                 else:
-                    grad_weight.addmm_(grad.T.float(), h.float())
+                    grad_weight.addmm_(grad.T.float(), scaled)
+        if rows == 0 and want_weight:
+            grad_weight.zero_()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
+        # The usual case (this loss enters the total with weight 1) skips a pass over the [V, H] weight gradient;
+        # the check syncs, so it is made on the CPU only.
+        unit = grad_total.device.type == "cpu" and grad_total.numel() == 1 and float(grad_total) == 1.0
+        if grad_hidden is not None and not unit:
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+            grad_weight = (grad_weight if unit else grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _fusable(head: nn.Module, hidden: torch.Tensor) -> bool:
@@ -203,16 +219,15 @@ def head_loss(
 ) -> torch.Tensor:
     """Cross-entropy computing logits only at positions that carry a target (the vocabulary dominates the cost)."""
     keep = targets != IGNORE_INDEX
-    if logits is None and _fusable(head, hidden):
-        chunk = max(1, (64 << 20) // (4 * head.weight.shape[0]))  # ~64 MB of fp32 logits per chunk
-        loss = _LinearCrossEntropy.apply(hidden[keep], head.weight, targets[keep], chunk)
-    else:
-        logits = (head(hidden[keep]) if logits is None else logits[keep]).float()  # [N, V]
-        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(loss.device)
-    return loss / denominator
+    if not isinstance(denominator, torch.Tensor):
+        denominator = torch.tensor(denominator)
+    denominator = denominator.to(device=hidden.device, dtype=torch.float32)
+    if logits is None and _fusable(head, hidden):
+        max_rows = max(1, LOGITS_CHUNK_BYTES // (4 * head.weight.shape[0]))
+        return _LinearCrossEntropy.apply(hidden[keep], head.weight, targets[keep], max_rows, 1.0 / denominator)
+    logits = (head(hidden[keep]) if logits is None else logits[keep]).float()  # [N, V]
+    return F.cross_entropy(logits, targets[keep], reduction="sum") / denominator
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):

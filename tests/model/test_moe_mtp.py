@@ -167,9 +167,16 @@ def test_balance_loss_changes_router_weights_only_when_enabled() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_trainable", [True, False])
-def test_fused_linear_cross_entropy_equals_unfused(dtype: torch.dtype, head_trainable: bool) -> None:
+@pytest.mark.parametrize("grad_scale", [1.0, 3.0])  # 1.0: the backward that returns the saved gradients as they are
+@pytest.mark.parametrize("chunk_rows", [None, 41])  # 41: 129 rows in 4 chunks of 33 (the last 30)
+def test_fused_linear_cross_entropy_equals_unfused(
+    dtype: torch.dtype, head_trainable: bool, grad_scale: float, chunk_rows: int | None, monkeypatch
+) -> None:
+    from model import modeling
     from model.modeling import IGNORE_INDEX, head_loss
 
+    if chunk_rows is not None:
+        monkeypatch.setattr(modeling, "LOGITS_CHUNK_BYTES", chunk_rows * 4 * 1000)
     torch.manual_seed(5)
     head = torch.nn.Linear(32, 1000, bias=False).to(dtype)
     head.weight.requires_grad_(head_trainable)
@@ -179,8 +186,9 @@ def test_fused_linear_cross_entropy_equals_unfused(dtype: torch.dtype, head_trai
     fused = head_loss(hidden, head, targets)  # the fused path: a plain Linear and a gradient wanted
     keep = targets != IGNORE_INDEX
     reference = torch.nn.functional.cross_entropy(head(hidden[keep]).float(), targets[keep])
-    grads = torch.autograd.grad(fused * 3.0, [hidden] + ([head.weight] if head_trainable else []))
-    ref_grads = torch.autograd.grad(reference * 3.0, [hidden] + ([head.weight] if head_trainable else []))
+    assert keep.sum() == 129
+    grads = torch.autograd.grad(fused * grad_scale, [hidden] + ([head.weight] if head_trainable else []))
+    ref_grads = torch.autograd.grad(reference * grad_scale, [hidden] + ([head.weight] if head_trainable else []))
     # fp32: rounding only. bf16: the gradient is rounded to bf16 once (unfused: the logits are rounded instead).
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, reference, rtol=tol, atol=tol)
