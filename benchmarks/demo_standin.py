@@ -92,7 +92,13 @@ class Task:
             answer = chat.encode_texts([fact["completion"]])[0]
             for phrasing in PHRASINGS[args.phrasings]:
                 prompt = chat.encode_texts([phrasing.format(a=a, b=b)])[0]
-                cpt.append(([bos, *prompt, *answer, eos], [-100] * (1 + len(prompt)) + [*answer, eos]))
+                target = [*answer] if args.cpt_no_eos else [*answer, eos]
+                cpt.append(
+                    (
+                        [bos, *prompt, *answer, eos],
+                        [-100] * (1 + len(prompt)) + target + [-100] * (len(answer) + 1 - len(target)),
+                    )
+                )
         sft = []
         for record in data["sft"]:
             tokens = chat.tokenize_chat(record["messages"])
@@ -144,9 +150,11 @@ def batchify(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return ids, labels, mask
 
 
-def train(model, samples, steps, batch, lr, warmup, params, seed, replay=(), replay_fraction=0.0) -> list[float]:
+def train(
+    model, samples, steps, batch, lr, warmup, params, seed, replay=(), replay_fraction=0.0, weight_decay=0.0
+) -> list[float]:
     """AdamW (fused) with warmup + cosine, grad clip 1, as the stages; `replay_fraction` of each batch from replay."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -215,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpt-steps", type=int, default=750)
     parser.add_argument("--cpt-batch", type=int, default=63, help="facts a step (the demo: 9 rows of ~7)")
     parser.add_argument("--cpt-lr", type=float, default=3e-3)
+    parser.add_argument("--cpt-wd", type=float, default=0.0, help="AdamW weight decay of the cpt stage")
+    parser.add_argument("--cpt-no-eos", action="store_true", help="cpt loss on the answer only, not on its eos")
     parser.add_argument("--base-cache", help="a .safetensors file: load the Base from it, or save it there")
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--sft-batch", type=int, default=40, help="chats a step (the demo: 8 rows of ~5)")
@@ -246,10 +256,25 @@ def main(argv: list[str] | None = None) -> None:
             )
         model.load_state_dict(state)
     else:
-        train(model, task.cpt, args.cpt_steps, args.cpt_batch, args.cpt_lr, 30, list(model.parameters()), args.seed)
+        train(
+            model,
+            task.cpt,
+            args.cpt_steps,
+            args.cpt_batch,
+            args.cpt_lr,
+            30,
+            list(model.parameters()),
+            args.seed,
+            weight_decay=args.cpt_wd,
+        )
         if args.base_cache:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.base_cache)
-    result = {"args": vars(args), "base_plain": evaluate(model, task, *task.plain)[0]}
+    plain, first = evaluate(model, task, *task.plain)
+    right = [task.numbers.get(t) == sum(operands(r["messages"][0]["content"])) for t, r in zip(first, task.evals)]
+    result = {"args": vars(args), "base_plain": plain}
+    result["base_plain_first_token"] = [
+        round(100 * sum(c for c, r in zip(right, task.evals) if r["in_corpus"] == seen) / 100) for seen in (True, False)
+    ]
     result["base_chat"] = evaluate(model, task, *task.chat)[0]
     result["cpt_s"] = round(time.time() - start)
 
