@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from data_tools import ChatTokenizer, load_tokenizer
 from model import DeepseekV3ForCausalLM
@@ -105,20 +104,33 @@ def plain_text_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, recor
 
 
 @torch.no_grad()
-def completion_logps(model: DeepseekV3ForCausalLM, prompt: list[int], completion: list[int]) -> float:
-    """Sum of log p(completion | prompt)."""
-    ids = torch.tensor([prompt + completion])
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # [C, V]
-    return float(logits.log_softmax(-1).gather(1, torch.tensor(completion)[:, None]).sum())
+def completion_logps(
+    model: DeepseekV3ForCausalLM, pairs: list[tuple[list[int], list[int]]], batch_size: int = 64
+) -> list[float]:
+    """Sum of log p(completion | prompt) for each (prompt, completion); pairs of the same lengths share a forward,
+    with logits only at the completion's positions."""
+    results = [0.0] * len(pairs)
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (prompt, completion) in enumerate(pairs):
+        by_shape[len(prompt), len(completion)].append(i)
+    for (prompt_len, completion_len), indices in by_shape.items():
+        for start in range(0, len(indices), batch_size):
+            rows = indices[start : start + batch_size]
+            ids = torch.tensor([pairs[i][0] + pairs[i][1] for i in rows])  # [B, P + C]
+            logits = model(input_ids=ids, logits_to_keep=completion_len + 1).logits[:, :-1].float()  # [B, C, V]
+            scores = logits.log_softmax(-1).gather(2, ids[:, prompt_len:, None]).squeeze(-1).sum(-1)  # [B]
+            for row, i in enumerate(rows):
+                results[i] = float(scores[row])
+    return results
 
 
 def preference_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, records: list[dict[str, Any]]) -> float:
     """Fraction of pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
-    wins = 0
-    for r in tqdm(records, desc="preference pairs", leave=False):
-        (prompt, chosen), (_, rejected) = chat.tokenize_completions([r["prompt"]] * 2, [r["chosen"], r["rejected"]])
-        wins += completion_logps(model, prompt, chosen) > completion_logps(model, prompt, rejected)
-    return wins / len(records)
+    pairs = []
+    for r in records:
+        pairs += chat.tokenize_completions([r["prompt"]] * 2, [r["chosen"], r["rejected"]])
+    scores = completion_logps(model, pairs)
+    return sum(chosen > rejected for chosen, rejected in zip(scores[::2], scores[1::2])) / len(records)
 
 
 def main(argv: list[str] | None = None) -> None:
