@@ -149,7 +149,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
 
     start = time.time()
     chat = ChatTokenizer(tokenizer)
-    preferences = read_jsonl(out / "data" / "preference_eval.jsonl")[:100]
+    preferences = read_jsonl(out / "data" / "preference_eval.jsonl")
     table = {}
     for name, folder in (("Base", "base"), ("SFT", "sft-merged"), ("Chat", "chat")):
         model = load_chat_model(out / folder)
