@@ -91,7 +91,7 @@ def check_same_run(launched: Path, single: Path) -> None:
     state, expected = merged(launched), merged(single)
     assert state.keys() == expected.keys()  # every expert of every MoE layer (MTP layer included), per-expert keys
     for key, value in expected.items():
-        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=key)
+        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{key}: {m}")
     model = DeepseekV3ForCausalLM.from_pretrained(launched, progress=False)
     experts = model.config.n_routed_experts
     assert all(m.experts.gate_up_proj.shape[0] == experts for m in model.moe_layers())

@@ -134,7 +134,7 @@ def check_same_log(stage: str, launched: Path, single: Path) -> None:
 def check_same_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert state.keys() == expected.keys()
     for key, value in expected.items():
-        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=key)
+        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def run_both(
