@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import PreTrainedTokenizerBase, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from data_tools import DataRecipe, build_datasets, load_tokenizer
+from data_tools import DataCollator, DataRecipe, build_datasets, load_tokenizer
 from model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
 
 from .config import RecipeError, load_stage_config
@@ -37,7 +37,7 @@ from .parallel.launch import (
     launched_world_size,
     zero3_enabled,
 )
-from .trainers import LossFileCallback, trainer_kwargs, unwrap_base
+from .trainers import DeepseekSFTTrainer, LossFileCallback, trainer_kwargs, unwrap_base
 
 _T = TypeVar("_T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -181,6 +181,27 @@ def train_and_save(trainer: Any, config: Any) -> None:
 def loss_callbacks(config: Any) -> list:
     """The LossFileCallback writing every log record to output_dir/loss_log_file (none when that is empty)."""
     return [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
+
+
+def train_lm_stage(config_class: type, task: str, argv: list[str] | None, doc: str | None) -> None:
+    """sft and cpt: the same language-modelling run over data_tools' `task` (chats or raw text), full or LoRA."""
+    config = parse_stage_args(config_class, argv, task, doc)
+    tokenizer = build_tokenizer(config)
+    model = build_model(config)
+    train, evaluation = build_data(config, task, tokenizer, model.config.vocab_size)
+    if config.use_lora:
+        model = apply_lora(model, config)
+    trainer = DeepseekSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=DataCollator(pad_id=tokenizer.eos_token_id),
+        processing_class=tokenizer,
+        callbacks=loss_callbacks(config),
+        **trainer_kwargs(config),
+    )
+    train_and_save(trainer, config)
 
 
 def train_preference_stage(trainer_cls: type, config: Any, model: Any, tokenizer: Any, train: Any, evaluation: Any):

@@ -162,7 +162,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.empty_like(weight, dtype=torch.float32) if want_weight else None
         rows = hidden.shape[0]
-        chunk = -(-rows // -(-rows // max_rows)) if rows else 1  # ceil(rows / number of chunks)
+        pieces = max(1, -(-rows // max_rows))  # ceil(rows / max_rows) chunks of equal size
+        chunk = max(1, -(-rows // pieces))
         for start in range(0, rows, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]  # [C, H], [C]
             logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # [C, V]

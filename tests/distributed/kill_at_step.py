@@ -14,6 +14,8 @@ import time
 
 from transformers import Trainer, TrainerCallback
 
+import finetune.stage as shared
+
 
 class KillAtStep(TrainerCallback):
     def __init__(self, step: int):
@@ -36,15 +38,14 @@ def save_rng_state_late(save_rng_state):
 def main() -> None:
     step = int(os.environ["KILL_AT_STEP"])
     Trainer._save_rng_state = save_rng_state_late(Trainer._save_rng_state)
-    stage = importlib.import_module(f"finetune.{sys.argv[1]}")
-    train_and_save = stage.train_and_save
+    train_and_save = shared.train_and_save
 
     def train_and_kill(trainer, config) -> None:
         trainer.add_callback(KillAtStep(step))
         train_and_save(trainer, config)
 
-    stage.train_and_save = train_and_kill
-    stage.main(sys.argv[2:])
+    shared.train_and_save = train_and_kill  # every stage trains through finetune.stage.train_and_save
+    importlib.import_module(f"finetune.{sys.argv[1]}").main(sys.argv[2:])
 
 
 if __name__ == "__main__":
