@@ -20,6 +20,7 @@ import json
 import math
 import random
 import re
+import statistics
 import sys
 import time
 from collections import Counter, defaultdict
@@ -92,13 +93,8 @@ class Task:
             answer = chat.encode_texts([fact["completion"]])[0]
             for phrasing in PHRASINGS[args.phrasings]:
                 prompt = chat.encode_texts([phrasing.format(a=a, b=b)])[0]
-                target = [*answer] if args.cpt_no_eos else [*answer, eos]
-                cpt.append(
-                    (
-                        [bos, *prompt, *answer, eos],
-                        [-100] * (1 + len(prompt)) + target + [-100] * (len(answer) + 1 - len(target)),
-                    )
-                )
+                label_eos = -100 if args.cpt_no_eos else eos
+                cpt.append(([bos, *prompt, *answer, eos], [-100] * (1 + len(prompt)) + [*answer, label_eos]))
         sft = []
         for record in data["sft"]:
             tokens = chat.tokenize_chat(record["messages"])
@@ -273,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     right = [task.numbers.get(t) == sum(operands(r["messages"][0]["content"])) for t, r in zip(first, task.evals)]
     result = {"args": vars(args), "base_plain": plain}
     result["base_plain_first_token"] = [
-        round(100 * sum(c for c, r in zip(right, task.evals) if r["in_corpus"] == seen) / 100) for seen in (True, False)
+        round(100 * statistics.mean(c for c, r in zip(right, task.evals) if r["in_corpus"] == seen))
+        for seen in (True, False)
     ]
     result["base_chat"] = evaluate(model, task, *task.chat)[0]
     result["cpt_s"] = round(time.time() - start)
