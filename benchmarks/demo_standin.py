@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_tools import ChatTokenizer, load_tokenizer
 from data_tools.synthetic import build_demo_data
 from finetune.lora import build_lora_config
+from finetune.moe import ExpertLoadTracker
 from model import DeepseekV3Config, DeepseekV3ForCausalLM
 from model.config import PRESETS
 
@@ -147,10 +148,24 @@ def batchify(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def train(
-    model, samples, steps, batch, lr, warmup, params, seed, replay=(), replay_fraction=0.0, weight_decay=0.0
+    model,
+    samples,
+    steps,
+    batch,
+    lr,
+    warmup,
+    params,
+    seed,
+    replay=(),
+    replay_fraction=0.0,
+    weight_decay=0.0,
+    router_gamma=0.0,
+    beta2=0.999,
 ) -> list[float]:
-    """AdamW (fused) with warmup + cosine, grad clip 1, as the stages; `replay_fraction` of each batch from replay."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    """AdamW (fused) with warmup + cosine, grad clip 1, as the stages; `replay_fraction` of each batch from replay;
+    the aux-loss-free router bias update after each step when `router_gamma` > 0 (the cpt stage's callback)."""
+    tracker = ExpertLoadTracker(model, gamma=router_gamma) if router_gamma > 0 else None
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -171,6 +186,8 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if tracker is not None:
+            tracker.update_bias()
         schedule.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -220,11 +237,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpt-batch", type=int, default=63, help="facts a step (the demo: 9 rows of ~7)")
     parser.add_argument("--cpt-lr", type=float, default=3e-3)
     parser.add_argument("--cpt-wd", type=float, default=0.0, help="AdamW weight decay of the cpt stage")
+    parser.add_argument(
+        "--cpt-router-gamma", type=float, default=0.0, help="router bias update speed in cpt (the demo's: 0.001)"
+    )
+    parser.add_argument("--cpt-beta2", type=float, default=0.999, help="AdamW beta2 of the cpt stage")
     parser.add_argument("--cpt-no-eos", action="store_true", help="cpt loss on the answer only, not on its eos")
     parser.add_argument("--base-cache", help="a .safetensors file: load the Base from it, or save it there")
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--sft-batch", type=int, default=40, help="chats a step (the demo: 8 rows of ~5)")
     parser.add_argument("--sft-lr", type=float, default=2e-3)
+    parser.add_argument("--sft-beta2", type=float, default=0.999, help="AdamW beta2 of the SFT stage")
     parser.add_argument(
         "--preset", default="attention", choices=["attention", "shared_experts", "both", "full", "tokens"]
     )
@@ -262,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             list(model.parameters()),
             args.seed,
             weight_decay=args.cpt_wd,
+            router_gamma=args.cpt_router_gamma,
+            beta2=args.cpt_beta2,
         )
         if args.base_cache:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.base_cache)
@@ -299,7 +323,17 @@ def main(argv: list[str] | None = None) -> None:
                 param.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = train(
-        model, task.sft, args.sft_steps, args.sft_batch, args.sft_lr, 10, params, args.seed, task.cpt, args.replay
+        model,
+        task.sft,
+        args.sft_steps,
+        args.sft_batch,
+        args.sft_lr,
+        10,
+        params,
+        args.seed,
+        task.cpt,
+        args.replay,
+        beta2=args.sft_beta2,
     )
     chat_accuracy, first = evaluate(model, task, *task.chat)
     result.update(sft_chat=chat_accuracy, sft_plain=evaluate(model, task, *task.plain)[0])

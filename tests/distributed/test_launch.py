@@ -3,7 +3,7 @@ recipes/accelerate/zero3_ep_cpu.yaml) for SFT and plain ZeRO-3 (recipes/accelera
 losses and save the same HF checkpoint, every expert present, as one process on the same global batch (2 x 2 rows
 per step against 4 rows). Router biases update (gamma 0.01) and the MTP loss is on, so a rank whose expert
 counts or experts went astray would show in the saved weights. A launched SFT run killed (SIGKILL) in step 3 and
-relaunched with resume_from_checkpoint=true ends as the uninterrupted launch does."""
+relaunched with resume_from_checkpoint=true ends as the uninterrupted launch does, for full SFT and for LoRA."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def sft_launched(inputs, tmp_path_factory) -> tuple[Path, Path]:
     return recipe, folder / "ep"
 
 
-def write_recipe(folder: Path, inputs: dict[str, Path], task: str) -> Path:
+def write_recipe(folder: Path, inputs: dict[str, Path], task: str, **extra) -> Path:
     source = inputs["sft"] if task == "sft" else inputs["corpus"]
     recipe = {
         "model_name_or_path": "preset:tiny",
@@ -67,6 +67,7 @@ def write_recipe(folder: Path, inputs: dict[str, Path], task: str) -> Path:
         "save_strategy": "no",
         "seed": 0,
         "data": {"task": task, "sources": [str(source)], "max_length": 64},
+        **extra,
     }
     path = folder / f"{task}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -137,3 +138,28 @@ def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(sft_launched, tm
     state, expected = merged(killed), merged(straight)
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[key], value) for key, value in expected.items())
+
+
+@pytest.mark.slow
+def test_sft_lora_zero3_expert_parallel_launch_resumes_after_sigkill(inputs, tmp_path):
+    """LoRA SFT (attention + shared experts, dropout 0.1: the resumed ranks must restore their RNG streams) under
+    ZeRO-3 + EP 2, killed in step 3 and relaunched: the same losses and a bitwise-equal adapter as the uninterrupted
+    launch, and an adapter with LoRA weights only."""
+    recipe = write_recipe(tmp_path, inputs, "sft", use_lora=True, lora_dropout=0.1, learning_rate=1e-2)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    launch(EP_CONFIG, "sft", recipe, straight, ep_size=2, overrides=SAVING)
+    module = ["tests.distributed.kill_at_step", "sft"]
+    proc = launch_module(EP_CONFIG, module, recipe, killed, 2, env={"KILL_AT_STEP": "3"}, overrides=SAVING)
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-4000:]
+    assert sorted(losses(killed)) == [1, 2]
+    assert (killed / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    launch(EP_CONFIG, "sft", recipe, killed, ep_size=2, overrides=(*SAVING, "resume_from_checkpoint=true"))
+    records = [json.loads(line) for line in (killed / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert losses(killed) == losses(straight) and losses(straight)[STEPS] < losses(straight)[1]
+    state = load_file(killed / "adapter_model.safetensors")
+    expected = load_file(straight / "adapter_model.safetensors")
+    assert state.keys() == expected.keys() and all("lora_" in key for key in state)
+    assert all(torch.equal(state[key], value) for key, value in expected.items())
+    # the adapter trained: lora_B starts at zero
+    assert any(value.abs().sum() > 0 for key, value in state.items() if "lora_B" in key)
