@@ -100,6 +100,25 @@ def check_same_run(launched: Path, single: Path) -> None:
     assert biases and all(state[k].abs().sum() > 0 for k in biases)  # the bias update ran
 
 
+def launch_killed_in_step_3(recipe: Path, killed: Path) -> None:
+    """Launch the SFT `recipe` under ZeRO-3 + EP 2 with every rank SIGKILLed in step 3, after checkpoint-2."""
+    module = ["tests.distributed.kill_at_step", "sft"]
+    proc = launch_module(EP_CONFIG, module, recipe, killed, 2, env={"KILL_AT_STEP": "3"}, overrides=SAVING)
+    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-4000:]
+    assert sorted(losses(killed)) == [1, 2]
+    assert [p.name for p in killed.iterdir() if p.is_dir()] == ["checkpoint-2"]  # no staging folder left behind
+    # kill_at_step makes rank 1 a second late with its RNG state: the rename must wait for it
+    rng_files = sorted(p.name for p in (killed / "checkpoint-2").glob("rng_state_*.pth"))
+    assert rng_files == ["rng_state_0.pth", "rng_state_1.pth"]
+
+
+def relaunch_resuming(recipe: Path, killed: Path) -> None:
+    """Relaunch the killed run with resume_from_checkpoint=true: it logs steps 3-4 after the killed run's 1-2."""
+    launch(EP_CONFIG, "sft", recipe, killed, ep_size=2, overrides=(*SAVING, "resume_from_checkpoint=true"))
+    records = [json.loads(line) for line in (killed / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # resumed at step 3, not restarted at 1
+
+
 @pytest.mark.slow
 def test_sft_zero3_expert_parallel_launch_equals_one_process(sft_launched, tmp_path):
     recipe, launched = sft_launched
@@ -123,17 +142,8 @@ def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(sft_launched, tm
     as the uninterrupted launch (measured bitwise equal: the same ranks redo the same sums)."""
     recipe, straight = sft_launched
     killed = tmp_path / "killed"
-    module = ["tests.distributed.kill_at_step", "sft"]
-    proc = launch_module(EP_CONFIG, module, recipe, killed, 2, env={"KILL_AT_STEP": "3"}, overrides=SAVING)
-    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-4000:]
-    assert sorted(losses(killed)) == [1, 2]
-    assert [p.name for p in killed.iterdir() if p.is_dir()] == ["checkpoint-2"]  # no staging folder left behind
-    # kill_at_step makes rank 1 a second late with its RNG state: the rename must wait for it
-    rng_files = sorted(p.name for p in (killed / "checkpoint-2").glob("rng_state_*.pth"))
-    assert rng_files == ["rng_state_0.pth", "rng_state_1.pth"]
-    launch(EP_CONFIG, "sft", recipe, killed, ep_size=2, overrides=(*SAVING, "resume_from_checkpoint=true"))
-    records = [json.loads(line) for line in (killed / "losses.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # resumed at step 3, not restarted at 1
+    launch_killed_in_step_3(recipe, killed)
+    relaunch_resuming(recipe, killed)
     assert losses(killed) == losses(straight)
     state, expected = merged(killed), merged(straight)
     assert state.keys() == expected.keys()
@@ -148,14 +158,9 @@ def test_sft_lora_zero3_expert_parallel_launch_resumes_after_sigkill(inputs, tmp
     recipe = write_recipe(tmp_path, inputs, "sft", use_lora=True, lora_dropout=0.1, learning_rate=1e-2)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     launch(EP_CONFIG, "sft", recipe, straight, ep_size=2, overrides=SAVING)
-    module = ["tests.distributed.kill_at_step", "sft"]
-    proc = launch_module(EP_CONFIG, module, recipe, killed, 2, env={"KILL_AT_STEP": "3"}, overrides=SAVING)
-    assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-4000:]
-    assert sorted(losses(killed)) == [1, 2]
+    launch_killed_in_step_3(recipe, killed)
     assert (killed / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    launch(EP_CONFIG, "sft", recipe, killed, ep_size=2, overrides=(*SAVING, "resume_from_checkpoint=true"))
-    records = [json.loads(line) for line in (killed / "losses.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    relaunch_resuming(recipe, killed)
     assert losses(killed) == losses(straight) and losses(straight)[STEPS] < losses(straight)[1]
     state = load_file(killed / "adapter_model.safetensors")
     expected = load_file(straight / "adapter_model.safetensors")

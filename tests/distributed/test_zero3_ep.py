@@ -40,6 +40,11 @@ EPS = 1e-6
 STEPS = 4
 
 
+def adamw(params) -> torch.optim.AdamW:
+    """The optimizer of both sides of every comparison here."""
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
+
+
 def step_rows(step: int, world: int, rank: int | None = None) -> torch.Tensor:
     rows = batch(world, seed=100 + step)
     return rows if rank is None else rows.chunk(world)[rank]
@@ -49,7 +54,7 @@ def reference_run(model: DeepseekV3ForCausalLM, world: int, steps: int) -> dict:
     """One process on each step's global batch: loss = mean of the ranks' slice losses, clip 1.0, AdamW, bias update."""
     model.train()
     tracker = ExpertLoadTracker(model, gamma=GAMMA)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
+    opt = adamw(model.parameters())
     losses = []
     for step in range(steps):
         slices = [model(input_ids=r, labels=r).loss for r in step_rows(step, world).chunk(world)]
@@ -71,7 +76,7 @@ def sft_worker(rank: int, world: int, path: Path, out: Path, first: int, last: i
     model.train()
     prepare_zero3_expert_parallel(model, groups)
     tracker = ExpertLoadTracker(model, gamma=GAMMA)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
+    opt = adamw(model.parameters())
     config = zero3_config(micro_batch_size=2, gradient_clipping=CLIP, world_size=world)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if first > 0:
@@ -157,9 +162,7 @@ def lora_reference(path: Path, world: int, steps: int) -> dict:
     model = lora_model(base)
     model.train()
     tracker = ExpertLoadTracker(base, gamma=GAMMA)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS
-    )
+    opt = adamw(p for p in model.parameters() if p.requires_grad)
     losses = []
     for step in range(steps):
         slices = [model(input_ids=r, labels=r).loss for r in step_rows(step, world).chunk(world)]
@@ -187,9 +190,7 @@ def lora_worker(rank: int, world: int, path: Path, out: Path, steps: int) -> Non
     model.train()
     prepare_zero3_expert_parallel(model, groups)
     tracker = ExpertLoadTracker(base, gamma=GAMMA)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS
-    )
+    opt = adamw(p for p in model.parameters() if p.requires_grad)
     config = zero3_config(micro_batch_size=2, gradient_clipping=CLIP, world_size=world)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     losses = {}
