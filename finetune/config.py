@@ -64,6 +64,13 @@ class ModelFields:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_trainable_tokens: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Tokens whose embedding rows train with the adapter (peft trainable_token_indices), e.g. chat "
+            "tokens a Base never trained: ['<｜User｜>', '<｜Assistant｜>']; each entry must be one token."
+        },
+    )
     mtp_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the multi-token-prediction loss (paper: 0.3 then 0.1); 0 = off."}
     )
@@ -201,6 +208,8 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
         raise RecipeError(f"{source}: lora_preset={lora_preset!r} is not one of {', '.join(LORA_PRESETS)}")
     if merged.get("torch_dtype", "float32") not in ("float32", "bfloat16"):
         raise RecipeError(f"{source}: torch_dtype must be float32 or bfloat16, got {merged['torch_dtype']!r}")
+    if merged.get("lora_trainable_tokens") and not merged.get("use_lora"):
+        raise RecipeError(f"{source}: lora_trainable_tokens needs use_lora: true (full fine-tuning trains every row)")
     if merged.get("router_bias_update", "auto") not in ("auto", "always", "never"):
         raise RecipeError(f"{source}: router_bias_update must be auto, always or never")
     try:

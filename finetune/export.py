@@ -184,13 +184,26 @@ class LoraDelta:
 
 
 @dataclass
+class TokenRows:
+    """peft trainable tokens: these rows of an embedding are replaced by `values` (not added to)."""
+
+    indices: torch.Tensor  # [n] token ids
+    values: torch.Tensor  # [n, hidden]
+    module: str
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_copy_(0, self.indices, self.values.to(weight.dtype))
+
+
+@dataclass
 class Adapter:
-    """A LoRA adapter resolved against a base checkpoint: checkpoint key -> LoraDelta."""
+    """A LoRA adapter resolved against a base checkpoint: checkpoint key -> LoraDelta (and -> TokenRows)."""
 
     path: Path
     config: dict
     deltas: dict[str, LoraDelta]
     nbytes: int
+    rows: dict[str, TokenRows] = field(default_factory=dict)
 
 
 def _pattern_value(patterns: dict, key: str, default):
@@ -230,17 +243,48 @@ def read_adapter_files(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.T
     for key, why in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("modules_to_save", "modules_to_save")):
         if config.get(key):
             raise ExportError(f"{where}: {key} is set; {why} are not supported by the export")
-    if config.get("trainable_token_indices"):
-        raise ExportError(f"{where}: trainable_token_indices is set; trainable tokens are not supported by the export")
     try:
         with safe_open(str(weights), framework="pt") as handle:
             tensors = {key.removeprefix("base_model.model."): handle.get_tensor(key) for key in handle.keys()}
     except Exception as err:
         raise ExportError(f"{weights}: cannot read it as safetensors ({err})") from None
-    other = sorted(k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k))
+    other = sorted(
+        k for k in tensors if not re.search(r"\.lora_[AB]\.weight$|\.token_adapter\.trainable_tokens_delta$", k)
+    )
     if other:
-        raise ExportError(f"{weights}: holds tensors that are not LoRA A/B weights, e.g. {other[0]} ({len(other)})")
+        raise ExportError(
+            f"{weights}: holds tensors that are neither LoRA A/B weights nor trainable tokens, e.g. {other[0]} "
+            f"({len(other)})"
+        )
     return config, tensors
+
+
+def _token_rows(
+    config: dict, tensors: dict[str, torch.Tensor], where: str
+) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """Module -> (token ids, [n, hidden] rows) of peft's trainable tokens; the ids come from adapter_config.json."""
+    found = {
+        k.removesuffix(".token_adapter.trainable_tokens_delta"): t for k, t in tensors.items() if "token_adapter" in k
+    }
+    indices = config.get("trainable_token_indices")
+    if not found:
+        return {}
+    if not indices:
+        raise ExportError(f"{where}: the adapter holds trainable token rows but no trainable_token_indices")
+    out = {}
+    for module, values in found.items():
+        if isinstance(indices, dict):
+            ids = next((v for name, v in indices.items() if module == name or module.endswith("." + name)), None)
+        else:
+            ids = indices  # a plain list applies to the input embedding
+        if ids is None:
+            raise ExportError(f"{where}: no trainable_token_indices entry names {module}")
+        if values.dim() != 2 or values.shape[0] != len(ids):
+            raise ExportError(
+                f"{where}: {module} has {list(values.shape)} trainable token rows for {len(ids)} token ids"
+            )
+        out[module] = (list(ids), values)
+    return out
 
 
 def resolve_adapter(
@@ -250,7 +294,7 @@ def resolve_adapter(
     adapter_config, tensors = read_adapter_files(adapter_dir)
     where = str(Path(adapter_dir) / ADAPTER_WEIGHTS)
     slots = {hf_key_to_internal(key, config): key for key in base if key.endswith(".weight")}
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     deltas: dict[str, LoraDelta] = {}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -313,7 +357,15 @@ def resolve_adapter(
                 if key in deltas:
                     raise ExportError(f"{where}: {key} is adapted twice (two wrappers on {owner}.{param})")
                 deltas[key] = LoraDelta(a_experts[e], b_experts[row : row + rows, :, e] * scale, f"{owner}.{param}")
-    return Adapter(Path(adapter_dir), adapter_config, deltas, nbytes)
+    token_rows = {}
+    for module, (ids, values) in _token_rows(adapter_config, tensors, where).items():
+        key = base_key(f"{module}.weight")
+        vocab, hidden = base[key].shape
+        check(key, vocab, values.shape[1], f"{module} (trainable tokens)")
+        if max(ids) >= vocab or min(ids) < 0:
+            raise ExportError(f"{where}: {module} trains token id {max(ids)} but {key} has {vocab} rows")
+        token_rows[key] = TokenRows(torch.tensor(ids), values, module)
+    return Adapter(Path(adapter_dir), adapter_config, deltas, nbytes, token_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +382,7 @@ class Entry:
     source: TensorInfo
     scale: TensorInfo | None = None  # the base's weight_scale_inv when the source is FP8
     delta: LoraDelta | None = None
+    rows: TokenRows | None = None  # trainable-token rows replacing some of an embedding's rows
     quantize: bool = False  # output as e4m3; its scale is the next entry
     is_scale: bool = False
 
@@ -339,7 +392,8 @@ class Entry:
 
     @property
     def copied(self) -> bool:
-        return self.delta is None and not self.quantize and not self.is_scale and self.dtype == self.source.dtype
+        unchanged = self.delta is None and self.rows is None
+        return unchanged and not self.quantize and not self.is_scale and self.dtype == self.source.dtype
 
 
 @dataclass
@@ -374,7 +428,11 @@ def scale_fmt_of(config_values: dict, where: str) -> str | None:
 
 
 def plan_shards(
-    base: dict[str, TensorInfo], files: dict[str, Path], fmt: str, deltas: dict[str, LoraDelta]
+    base: dict[str, TensorInfo],
+    files: dict[str, Path],
+    fmt: str,
+    deltas: dict[str, LoraDelta],
+    replaced_rows: dict[str, TokenRows] | None = None,
 ) -> list[list[Entry]]:
     """One output shard per base shard, in the base's order; FP8 scales travel with their weights."""
     base_has_fp8 = any(info.dtype == "F8_E4M3" for info in base.values())
@@ -383,13 +441,14 @@ def plan_shards(
         if key.endswith("_scale_inv") and key.removesuffix("_scale_inv") in base:
             continue  # written with its weight
         scale = base.get(key + "_scale_inv") if info.dtype == "F8_E4M3" else None
-        delta = deltas.get(key)
-        entry = Entry(key, info.dtype, info.shape, info, scale, delta)
+        delta, token_rows = deltas.get(key), (replaced_rows or {}).get(key)
+        entry = Entry(key, info.dtype, info.shape, info, scale, delta, token_rows)
         if fmt == "fp8":
             # Without FP8 tensors in the base, quantize exactly where the official checkpoint does.
             quantized = info.dtype == "F8_E4M3" if base_has_fp8 else is_official_fp8_weight(key)
             # An untouched FP8 tensor keeps its codes and scale byte for byte; anything else quantized is recomputed.
-            entry.quantize = quantized and (delta is not None or info.dtype != "F8_E4M3")
+            changed = delta is not None or token_rows is not None
+            entry.quantize = quantized and (changed or info.dtype != "F8_E4M3")
             entry.dtype = "F8_E4M3" if quantized else info.dtype
         elif info.dtype == "F8_E4M3":
             entry.dtype = "BF16"
@@ -485,6 +544,8 @@ def _merged_weight(entry: Entry) -> torch.Tensor:
         weight = weight.float()
     if entry.delta is not None:
         weight += entry.delta.delta()
+    if entry.rows is not None:
+        entry.rows.apply(weight)
     return weight
 
 
@@ -537,7 +598,7 @@ def write_shards(
                 else:
                     merged = _merged_weight(entry)
                     written = writer.write(entry.name, merged.to(DTYPES[entry.dtype]))
-                result.tensors_merged += entry.delta is not None
+                result.tensors_merged += entry.delta is not None or entry.rows is not None
                 bar.update(written)
                 result.bytes_written += written
             if writer.expected:
@@ -639,7 +700,7 @@ def export_merged(
     adapter = resolve_adapter(adapter_dir, config, base, str(base_dir)) if adapter_dir is not None else None
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise ExportError(f"{tokenizer_dir}: tokenizer folder not found")
-    shards = plan_shards(base, files, fmt, adapter.deltas if adapter else {})
+    shards = plan_shards(base, files, fmt, adapter.deltas if adapter else {}, adapter.rows if adapter else {})
     _check_out(out, overwrite, sum(e.nbytes for shard in shards for e in shard))
 
     result = ExportResult(out, fmt)
@@ -670,6 +731,8 @@ def export_merged(
                 f"- merged LoRA adapter: `{adapter.path}` (r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}, "
                 f"rslora={bool(cfg.get('use_rslora'))}), {len(adapter.deltas)} weights changed"
             ]
+            for key, token_rows in adapter.rows.items():
+                lines += [f"- {len(token_rows.indices)} trained token rows of `{key}` (peft trainable tokens)"]
         if result.fp8:
             lines += [f"- FP8 delta survival: {_summary_fp8(result.fp8)} (per tensor in {REPORT_NAME})"]
         lines += ["- the multi-token-prediction layer is kept (layer index num_hidden_layers)"]
@@ -723,6 +786,11 @@ def export_adapter(
     base_dir, out = Path(base_dir), Path(out_dir).absolute()
     config, values, files, base = check_base(base_dir)
     adapter = resolve_adapter(adapter_dir, config, base, str(base_dir))
+    if adapter.rows:
+        raise ExportError(
+            f"{adapter.path}: the adapter trains embedding rows ({', '.join(sorted(adapter.rows))}), which a serving "
+            "engine's LoRA adapter cannot carry; export --format bf16 or fp8 to merge them"
+        )
     _check_out(out, overwrite, 2 * adapter.nbytes)
     result = ExportResult(out, "adapter")
     mtp = re.compile(r"^model\.layers\.(\d+)\.")

@@ -79,8 +79,14 @@ def build_lora_config(
     dense_mlp: bool = False,
     routed_experts: bool = False,
     include_mtp: bool = False,
+    trainable_tokens: list[int] | None = None,
 ) -> LoraConfig:
-    """A LoraConfig naming every adapted module in full; routed experts through target_parameters (opt-in)."""
+    """A LoraConfig naming every adapted module in full; routed experts through target_parameters (opt-in).
+
+    trainable_tokens: token ids whose rows of the input embedding train alongside the adapter (peft's
+    trainable_token_indices: a [n, hidden] tensor replacing those rows); the MTP modules' own embedding copies too
+    when include_mtp.
+    """
     targets = lora_module_names(model, preset, dense_mlp, include_mtp)
     parameters = None
     if routed_experts:
@@ -90,12 +96,22 @@ def build_lora_config(
             for name, _ in model.named_parameters()
             if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) and scope.match(name)
         )
+    token_rows = None
+    if trainable_tokens:
+        # peft matches these names as suffixes: "model.embed_tokens" is the decoder's embedding, not model.mtp.<k>'s
+        embeddings = ["model.embed_tokens"]
+        if include_mtp:
+            embeddings += [
+                name for name, _ in model.named_modules() if re.fullmatch(r"(.*\.)?mtp\.\d+\.embed_tokens", name)
+            ]
+        token_rows = {name: sorted(set(trainable_tokens)) for name in embeddings}
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets,
         target_parameters=parameters,
+        trainable_token_indices=token_rows,
         bias="none",
         task_type="CAUSAL_LM",
     )

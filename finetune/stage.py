@@ -131,12 +131,35 @@ def build_data(
     return splits["train"], splits.get("eval")
 
 
-def apply_lora(model: DeepseekV3ForCausalLM, config: Any):
+def apply_lora(model: DeepseekV3ForCausalLM, config: Any, tokenizer: PreTrainedTokenizerBase | None = None):
     """Wrap the model with the recipe's LoRA preset (exact module names; see finetune.lora)."""
-    return get_peft_model(model, build_lora_config_from(model, config))
+    return get_peft_model(model, build_lora_config_from(model, config, tokenizer))
 
 
-def build_lora_config_from(model: DeepseekV3ForCausalLM, config: Any):
+def trainable_token_ids(tokenizer: PreTrainedTokenizerBase | None, tokens: list[str], vocab_size: int) -> list[int]:
+    """lora_trainable_tokens -> token ids; each entry must be exactly one token of the tokenizer."""
+    if not tokens:
+        return []
+    if tokenizer is None:
+        raise RecipeError("lora_trainable_tokens needs the stage's tokenizer to find the tokens' ids")
+    ids = []
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise RecipeError(f"lora_trainable_tokens: {token!r} is not a token string")
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(encoded)
+            raise RecipeError(
+                f"lora_trainable_tokens: {token!r} is {len(encoded)} tokens ({pieces}), not one; list the tokens "
+                "separately"
+            )
+        if encoded[0] >= vocab_size:
+            raise RecipeError(f"lora_trainable_tokens: {token!r} is id {encoded[0]}, past the model's {vocab_size}")
+        ids.append(encoded[0])
+    return ids
+
+
+def build_lora_config_from(model: DeepseekV3ForCausalLM, config: Any, tokenizer: PreTrainedTokenizerBase | None = None):
     """The LoraConfig a stage config asks for (the MTP modules get adapters only when the MTP loss is on)."""
     return build_lora_config(
         model,
@@ -147,6 +170,7 @@ def build_lora_config_from(model: DeepseekV3ForCausalLM, config: Any):
         dense_mlp=config.lora_dense_mlp,
         routed_experts=config.lora_routed_experts,
         include_mtp=config.mtp_loss_weight > 0,
+        trainable_tokens=trainable_token_ids(tokenizer, config.lora_trainable_tokens, model.config.vocab_size),
     )
 
 
@@ -190,7 +214,7 @@ def train_lm_stage(config_class: type, task: str, argv: list[str] | None, doc: s
     model = build_model(config)
     train, evaluation = build_data(config, task, tokenizer, model.config.vocab_size)
     if config.use_lora:
-        model = apply_lora(model, config)
+        model = apply_lora(model, config, tokenizer)
     trainer = DeepseekSFTTrainer(
         model=model,
         args=config,
@@ -212,7 +236,7 @@ def train_preference_stage(trainer_cls: type, config: Any, model: Any, tokenizer
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=build_lora_config_from(model, config) if config.use_lora else None,
+        peft_config=build_lora_config_from(model, config, tokenizer) if config.use_lora else None,
         callbacks=loss_callbacks(config),
         **trainer_kwargs(config),
     )

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_tools import load_tokenizer
 from finetune.cli import available_stages
 from finetune.config import (
     CPOStageConfig,
@@ -18,6 +19,7 @@ from finetune.config import (
     load_stage_config,
     parse_overrides,
 )
+from finetune.stage import trainable_token_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_CLASSES = {
@@ -65,6 +67,19 @@ def test_bad_values():
         build_stage_config(SFTStageConfig, {"torch_dtype": "fp16"})
     with pytest.raises(RecipeError, match="no such recipe"):
         load_stage_config(SFTStageConfig, "nope.yaml")
+    with pytest.raises(RecipeError, match="lora_trainable_tokens needs use_lora"):
+        build_stage_config(SFTStageConfig, {"lora_trainable_tokens": ["<｜User｜>"]})
+
+
+def test_trainable_tokens_resolve_to_single_token_ids():
+    tokenizer = load_tokenizer()  # the packaged DeepSeek-V3 tokenizer
+    tokens = ["<｜User｜>", "<｜Assistant｜>", "What", " is", "?"]
+    ids = trainable_token_ids(tokenizer, tokens, 129280)
+    assert [tokenizer.decode([i]) for i in ids] == tokens and ids[:2] == [128803, 128804]
+    with pytest.raises(RecipeError, match=r"'What is' is 2 tokens \(\['What', 'Ġis'\]\), not one"):
+        trainable_token_ids(tokenizer, ["What is"], 129280)
+    with pytest.raises(RecipeError, match="past the model's 1000"):
+        trainable_token_ids(tokenizer, ["<｜User｜>"], 1000)
 
 
 def test_overrides(tmp_path):

@@ -25,6 +25,7 @@ from finetune.export import (
     main,
     read_header,
 )
+from finetune.lora import build_lora_config
 from model import DeepseekV3ForCausalLM
 from model.checkpoint import INDEX_NAME, dequantize_fp8_block, iter_hf_state
 from model.fp8 import dequantize_weight, is_official_fp8_weight, quantize_weight
@@ -334,6 +335,47 @@ def test_adapter_export_loads_onto_transformers_with_peft(setup, caplog) -> None
     adapted = {n.split(".lora_")[0] for n, _ in loaded.named_parameters() if ".lora_" in n}
     assert any("shared_experts.gate_proj" in n for n in adapted) and any("layers.0.mlp.down_proj" in n for n in adapted)
     torch.testing.assert_close(logits_of(loaded, setup["ids"]), setup["logits"], atol=2e-5, rtol=1e-4)
+
+
+def test_trainable_token_rows_merge_as_peft_does(setup, tmp_path: Path) -> None:
+    """LoRA with trainable tokens (the decoder's embedding and the MTP layer's copy): the merged export replaces
+    those rows as peft's merge_and_unload does, in BF16 and FP8 output; an engine adapter refuses them clearly."""
+    model = copy.deepcopy(setup["ours"])
+    ids = [3, 40, 77]
+    config = build_lora_config(model, "attention", r=4, include_mtp=True, trainable_tokens=ids)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                param.normal_(0.0, 0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    expected = merged_state(peft_model.eval())
+    base = checkpoint(setup["base"])
+    mtp = setup["ours"].config.num_hidden_layers
+    for key in ("model.embed_tokens.weight", f"model.layers.{mtp}.embed_tokens.weight"):
+        changed = (expected[key] != base[key]).any(dim=1).nonzero().flatten().tolist()
+        assert changed == ids, key  # the reference itself moved exactly those rows
+
+    result = export_merged(setup["base"], adapter, tmp_path / "bf16", "bf16", progress=False)
+    saved = checkpoint(tmp_path / "bf16")
+    assert set(saved) == set(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(saved[key], tensor, atol=1e-6, rtol=1e-5, msg=key)
+    assert result.tensors_merged == len(result_touched({**setup, "merged": expected}))
+    assert "3 trained token rows of `model.embed_tokens.weight`" in (tmp_path / "bf16" / "README.md").read_text()
+
+    # From the FP8 base: the embeddings are BF16 there, so the trained rows arrive exactly.
+    export_merged(setup["fp8_base"], adapter, tmp_path / "fp8", "fp8", progress=False)
+    saved = checkpoint(tmp_path / "fp8")
+    for key in ("model.embed_tokens.weight", f"model.layers.{mtp}.embed_tokens.weight"):
+        assert saved[key].dtype == base[key].dtype
+        torch.testing.assert_close(saved[key][ids], expected[key][ids], atol=0, rtol=0, msg=key)
+
+    with pytest.raises(ExportError, match="embedding rows"):
+        export_adapter(adapter, tmp_path / "engine", setup["base"])
+    assert not (tmp_path / "engine").exists()
 
 
 def test_interrupted_export_leaves_no_complete_folder(setup, monkeypatch) -> None:

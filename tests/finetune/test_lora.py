@@ -69,3 +69,23 @@ def test_peft_conversion_would_move_targets_without_the_guard():
     hf2 = HFModel(HFConfig(**{k: v for k, v in DeepseekV3Config.from_preset("tiny").to_dict().items()}))
     moved = adapted_module_names(get_peft_model(hf2, build_lora_config(tiny(), "shared_experts", r=4)))
     assert not any("shared_experts" in n for n in moved)  # peft's rewrite, what exact_targets prevents
+
+
+@pytest.mark.parametrize("include_mtp", [False, True])
+def test_trainable_tokens_train_only_their_embedding_rows(include_mtp):
+    """peft's trainable tokens on the decoder's embedding (and the MTP module's own copy when the MTP loss is on):
+    one optimizer step moves exactly the chosen rows of each."""
+    model = tiny(mtp_loss_enabled=include_mtp)
+    config = build_lora_config(model, "attention", r=4, include_mtp=include_mtp, trainable_tokens=[42, 5, 17, 5])
+    peft_model = get_peft_model(model, config)
+    embeddings = ["model.embed_tokens"] + (["model.mtp.0.embed_tokens"] if include_mtp else [])
+    trained = {n for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad}
+    assert trained == {f"base_model.model.{e}.token_adapter.trainable_tokens_delta.default" for e in embeddings}
+    layers = {e: peft_model.get_submodule(f"base_model.model.{e}.token_adapter") for e in embeddings}
+    before = {e: layer.get_merged_weights(["default"]).detach().clone() for e, layer in layers.items()}
+    batch = torch.tensor([[1, 5, 17, 42, 3, 5, 42, 17, 9, 2]])
+    peft_model(input_ids=batch, labels=batch).loss.backward()
+    torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0).step()
+    for name, layer in layers.items():
+        changed = (layer.get_merged_weights(["default"]) != before[name]).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [5, 17, 42], name
