@@ -89,3 +89,27 @@ def test_trainable_tokens_train_only_their_embedding_rows(include_mtp):
     for name, layer in layers.items():
         changed = (layer.get_merged_weights(["default"]) != before[name]).any(dim=1).nonzero().flatten().tolist()
         assert changed == [5, 17, 42], name
+
+
+def test_trainable_tokens_fast_forward_equals_peft():
+    """Our embedding path for trainable tokens (no per-call copy of the whole matrix) gives peft's outputs and row
+    gradients, bitwise; merged, the layer is peft's own."""
+    import finetune.lora as lora
+
+    model = tiny()
+    peft_model = get_peft_model(model, build_lora_config(model, "attention", r=4, trainable_tokens=[7, 3, 250]))
+    layer = peft_model.get_submodule("base_model.model.model.embed_tokens.token_adapter")
+    with torch.no_grad():
+        layer.trainable_tokens_delta["default"].normal_()
+    ids = torch.tensor([[3, 1, 7, 7, 9, 250, 3, 0], [250, 250, 4, 3, 7, 2, 8, 9]])
+    weights = torch.randn(2, 8, model.config.hidden_size)
+    results = []
+    for forward in (lora._trainable_tokens_forward, lora._peft_trainable_tokens_forward):
+        layer.trainable_tokens_delta["default"].grad = None
+        out = forward(layer, ids, ["default"])
+        (out * weights).sum().backward()
+        results.append((out.detach(), layer.trainable_tokens_delta["default"].grad.clone()))
+    (ours, our_grad), (peft_out, peft_grad) = results
+    assert torch.equal(ours, peft_out) and torch.equal(our_grad, peft_grad)
+    assert ours[0, 0].equal(layer.trainable_tokens_delta["default"][0].detach())  # token 3: the first (sorted) row
+    assert our_grad.abs().sum(dim=1).gt(0).all()
