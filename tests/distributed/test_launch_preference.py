@@ -5,7 +5,7 @@ batch (2 x 2 pairs per step against 4). DPO in three set-ups:
   initial model, which trl hands to its own deepspeed.initialize;
 - LoRA with precompute_ref_log_probs under ZeRO-3 + EP: trl wraps the policy in a ZeRO-3 engine for the precompute.
 The reference-free stages: ORPO with LoRA under ZeRO-3, CPO (sigmoid + NLL of the chosen answer) full under
-ZeRO-3 + EP, SimPO with LoRA under ZeRO-3 + EP.
+ZeRO-3 + EP, SimPO with LoRA under ZeRO-3 + EP. KTO's trainer (loss apo_zero_unpaired) with LoRA under ZeRO-3.
 The logged loss, gradient norm, trl's rewards and the policy's log-probs (and the NLL and log-odds terms where the
 stage logs them), and the saved adapter or HF checkpoint (every expert) must agree. Router biases update every step
 (gamma 0.01, router_bias_update: always), so rank-local expert counts would show too."""
@@ -207,4 +207,14 @@ def test_simpo_lora_expert_parallel_launch_equals_one_process(inputs, tmp_path):
     """SimPO (CPO with loss_type simpo, no NLL): length-normalised log-probs, LoRA on the expert-parallel model."""
     values = {"use_lora": True, "lora_r": 8, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 1.0}
     run_both(tmp_path, inputs, "recipes/accelerate/zero3_ep_cpu.yaml", 2, "cpo", **values)
+    check_same_adapter(tmp_path / "launched", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_kto_lora_zero3_launch_equals_one_process(inputs, tmp_path):
+    """KTO's trainer on the demo pairs unpaired, LoRA under ZeRO-3, with loss_type apo_zero_unpaired: loss kto's KL
+    estimate pairs each prompt with a completion from its own rank's batch (trl's design), so 2 x 2 and 4 examples a
+    step differ there by construction; everything else (rewards, log-probs, gradients) must agree."""
+    values = {"use_lora": True, "lora_r": 8, "loss_type": "apo_zero_unpaired", "unpair_preferences": True}
+    run_both(tmp_path, inputs, "recipes/accelerate/zero3.yaml", None, "kto", **values)
     check_same_adapter(tmp_path / "launched", tmp_path / "single")
