@@ -93,7 +93,7 @@ def test_trainable_tokens_train_only_their_embedding_rows(include_mtp):
 
 def test_trainable_tokens_fast_forward_equals_peft():
     """Our embedding path for trainable tokens (no per-call copy of the whole matrix) gives peft's outputs and row
-    gradients, bitwise; merged, the layer is peft's own."""
+    gradients (bitwise on this batch: each token's few positions sum in the same order); merged, it is peft's own."""
     import finetune.lora as lora
 
     model = tiny()

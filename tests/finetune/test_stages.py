@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from finetune import cpt, dpo, sft
+from finetune.export import export_merged
 from finetune.trainers import TrainingDiverged
 from model import DeepseekV3ForCausalLM
 
@@ -57,6 +59,34 @@ def test_sft_lora_loss_falls_and_adapter_is_exact(base_values, demo_data):
     assert all(("self_attn." in m or "mlp.shared_experts." in m) and m.startswith("model.layers.") for m in modules)
     assert any("shared_experts" in m for m in modules) and any("kv_b_proj" in m for m in modules)
     assert not any(k.split(".lora_")[0].endswith("experts") for k in keys)
+
+
+def test_sft_lora_trainable_tokens_train_and_merge_their_rows(base_values, demo_data, tmp_path):
+    """lora_trainable_tokens: the adapter holds the LoRA factors and the trained rows, and the merged export differs
+    from the Base's embedding in exactly those rows."""
+    base = tmp_path / "base"
+    cpt_data = {"task": "cpt", "sources": [str(demo_data["corpus"])], "max_length": 32}
+    cpt.main(args({**base_values, "output_dir": str(base), "max_steps": 1, "data": cpt_data}))
+    tokens = ["<｜User｜>", "<｜Assistant｜>", "What"]
+    values = {**base_values, "model_name_or_path": str(base), "use_lora": True, "lora_preset": "attention"}
+    values |= {"lora_r": 8, "learning_rate": 3e-3, "lora_trainable_tokens": tokens}
+    values["data"] = {"sources": [str(demo_data["sft"])], "max_length": 128}
+    sft.main(args({**values, "max_steps": 4}))
+    run = Path(values["output_dir"])
+    adapter = load_file(run / "adapter_model.safetensors")
+    rows = adapter.pop("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta")
+    assert rows.shape == (3, 64) and all(".self_attn." in k and ".lora_" in k for k in adapter)
+    tokenizer = AutoTokenizer.from_pretrained(base_values["tokenizer"])
+    ids = sorted(tokenizer.convert_tokens_to_ids(tokens))
+
+    export_merged(base, run, tmp_path / "merged", "bf16", progress=False)
+    key = "model.embed_tokens.weight"
+    before, after = (
+        next(t[key] for t in map(load_file, sorted(folder.glob("*.safetensors"))) if key in t)
+        for folder in (base, tmp_path / "merged")
+    )
+    assert (after != before).any(dim=1).nonzero().flatten().tolist() == ids
+    torch.testing.assert_close(after[ids], rows, rtol=0, atol=0)
 
 
 def test_dpo_lora_runs_with_adapter_disabled_reference(base_values, demo_data, tmp_path):
