@@ -360,7 +360,7 @@ def resolve_adapter(
     token_rows = {}
     for module, (ids, values) in _token_rows(adapter_config, tensors, where).items():
         key = base_key(f"{module}.weight")
-        vocab, hidden = base[key].shape
+        vocab = base[key].shape[0]
         check(key, vocab, values.shape[1], f"{module} (trainable tokens)")
         if max(ids) >= vocab or min(ids) < 0:
             raise ExportError(f"{where}: {module} trains token id {max(ids)} but {key} has {vocab} rows")
@@ -436,12 +436,13 @@ def plan_shards(
 ) -> list[list[Entry]]:
     """One output shard per base shard, in the base's order; FP8 scales travel with their weights."""
     base_has_fp8 = any(info.dtype == "F8_E4M3" for info in base.values())
+    replaced_rows = replaced_rows or {}
     shards: dict[Path, list[Entry]] = {file: [] for file in dict.fromkeys(files.values())}
     for key, info in base.items():
         if key.endswith("_scale_inv") and key.removesuffix("_scale_inv") in base:
             continue  # written with its weight
         scale = base.get(key + "_scale_inv") if info.dtype == "F8_E4M3" else None
-        delta, token_rows = deltas.get(key), (replaced_rows or {}).get(key)
+        delta, token_rows = deltas.get(key), replaced_rows.get(key)
         entry = Entry(key, info.dtype, info.shape, info, scale, delta, token_rows)
         if fmt == "fp8":
             # Without FP8 tensors in the base, quantize exactly where the official checkpoint does.

@@ -78,6 +78,8 @@ def test_trainable_tokens_resolve_to_single_token_ids():
     assert [tokenizer.decode([i]) for i in ids] == tokens and ids[:2] == [128803, 128804]
     with pytest.raises(RecipeError, match=r"'What is' is 2 tokens \(\['What', 'Ġis'\]\), not one"):
         trainable_token_ids(tokenizer, ["What is"], 129280)
+    with pytest.raises(RecipeError, match="3 is not a token string"):
+        trainable_token_ids(tokenizer, [3], 129280)
     with pytest.raises(RecipeError, match="past the model's 1000"):
         trainable_token_ids(tokenizer, ["<｜User｜>"], 1000)
 

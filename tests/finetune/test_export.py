@@ -377,6 +377,33 @@ def test_trainable_token_rows_merge_as_peft_does(setup, tmp_path: Path) -> None:
         export_adapter(adapter, tmp_path / "engine", setup["base"])
     assert not (tmp_path / "engine").exists()
 
+    # Adapters whose rows and token ids do not fit together fail before writing, naming the file.
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    cases = {
+        "no trainable_token_indices": ({**config, "trainable_token_indices": None}, tensors),
+        "rows for 2 token ids": (
+            {**config, "trainable_token_indices": {k: v[:2] for k, v in config["trainable_token_indices"].items()}},
+            tensors,
+        ),
+        "no trainable_token_indices entry names model.mtp.0.embed_tokens": (
+            {**config, "trainable_token_indices": {"model.embed_tokens": ids}},
+            tensors,
+        ),
+        "trains token id 100000": (
+            {**config, "trainable_token_indices": {k: [3, 40, 100000] for k in config["trainable_token_indices"]}},
+            tensors,
+        ),
+    }
+    for i, (message, (bad_config, bad_tensors)) in enumerate(cases.items()):
+        bad = tmp_path / f"bad-{i}"
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text(json.dumps(bad_config))
+        save_file(bad_tensors, str(bad / "adapter_model.safetensors"))
+        with pytest.raises(ExportError, match=message):
+            export_merged(setup["base"], bad, tmp_path / "out", "bf16", progress=False)
+        assert not (tmp_path / "out").exists()
+
 
 def test_interrupted_export_leaves_no_complete_folder(setup, monkeypatch) -> None:
     import finetune.export as export
