@@ -5,6 +5,11 @@ format with loss masks), packing (sample masking), collate (torch batches), corp
 validate (bad records, dedup, split, statistics), pipeline (recipe -> datasets), synthetic (demo data), cli.
 """
 
+import os
+
+# Huge pages for large CPU tensors, set before torch loads (why: model/__init__.py).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from data_tools.collate import DataCollator, collate_preference
 from data_tools.errors import DataError
 from data_tools.formats import detect_format, to_canonical
