@@ -90,7 +90,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
     times: dict[str, float] = {}
     start = time.time()
     paths = save_demo_data(
-        out / "data", num_train=500, num_eval=200, num_preference=600, max_operand=30, num_corpus_only=100, seed=seed
+        out / "data", num_train=500, num_eval=200, num_preference=600, max_operand=30, num_corpus_only=200, seed=seed
     )
     eval_records = read_jsonl(paths["eval"])
     save_jsonl(build_eval_preferences(eval_records, seed), out / "data" / "preference_eval.jsonl")

@@ -20,11 +20,11 @@ def fact_of(question: str) -> tuple[int, int]:
 
 
 def test_dpo_pairs_never_ask_a_held_out_question_and_are_near_misses():
-    data = build_demo_data(num_train=500, num_eval=200, num_preference=10, max_operand=30, num_corpus_only=100)
+    data = build_demo_data(num_train=500, num_eval=200, num_preference=10, max_operand=30, num_corpus_only=200)
     pairs = build_train_preferences(data["facts"], data["eval"], seed=0)
     held_out = {fact_of(r["messages"][0]["content"]) for r in data["eval"]}
     in_corpus = {fact_of(r["messages"][0]["content"]) for r in data["eval"] if r["in_corpus"]}
-    assert len(pairs) == len(data["facts"]) - len(in_corpus) == 600
+    assert len(pairs) == len(data["facts"]) - len(in_corpus) == 700
     for pair in pairs:
         a, b = fact_of(pair["prompt"][0]["content"])
         assert (a, b) not in held_out
