@@ -2,10 +2,11 @@
 
     python benchmarks/base_anchoring.py --model outputs/demo/seed0/base --questions outputs/demo/seed0/data/eval.jsonl
 
-For each held-out question "What is a + b?" the Base completes `a + b = ` greedily (exact match, as
-`finetune.evaluate.plain_text_accuracy`), then the same with a prefix before the fact or another ending. The measurement
-behind docs/demo.md (sixth round): the demo's Bases answered 91.5% as is and 20% after a single newline, so the chat
-format's four tokens before the first operand are something SFT has to re-route, not only the answer token.
+For each held-out question "What is a + b?" the Base completes `a + b = ` greedily
+(`finetune.evaluate.plain_text_accuracy`), then the same with text before the fact or another ending; prints the
+accuracy on facts in the corpus / never seen (docs/demo.md quotes their mean: the demo's 100 + 100 questions). The
+measurement behind docs/demo.md (sixth round): the demo's Bases answered 91.5% as is and 20% after a single newline,
+so the chat format's four tokens before the first operand are something SFT has to re-route, not only the answer token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_tools import ChatTokenizer, load_tokenizer
-from finetune.evaluate import generate, load_chat_model, read_jsonl
+from finetune.evaluate import load_chat_model, plain_text_accuracy, read_jsonl
 
 # name: (text before "a + b", text after it)
 VARIANTS = {
@@ -39,20 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     chat = ChatTokenizer(load_tokenizer())
     records = read_jsonl(args.questions)
     model = load_chat_model(args.model)
-    facts, answers = [], []
-    for r in records:
-        question = r["messages"][0]["content"]
-        if not (question.startswith("What is ") and question.endswith("?")):
-            raise SystemExit(f"{args.questions}: expected 'What is a + b?' questions, got {question!r}")
-        facts.append(question[len("What is ") : -1])
-        answers.append(r["messages"][-1]["content"].strip())
     result = {}
     for name, (before, after) in VARIANTS.items():
-        prompts = [[chat.bos_id, *chat.encode_texts([before + fact + after])[0]] for fact in facts]
-        outputs = generate(model, prompts, chat.eos_id, max_new_tokens=4)
-        right = sum(chat.tokenizer.decode(o, skip_special_tokens=True).strip() == a for o, a in zip(outputs, answers))
-        result[name] = right / len(answers)
-        print(f"{name:36s} {100 * result[name]:5.1f}%")
+        rates = plain_text_accuracy(model, chat, records, before, after)
+        result[name] = rates
+        print(f"{name:36s} {100 * rates['plain_accuracy_seen']:5.1f}% / {100 * rates['plain_accuracy_unseen']:5.1f}%")
     print(json.dumps(result))
 
 

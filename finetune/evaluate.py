@@ -83,15 +83,22 @@ def chat_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, records: li
     }
 
 
-def plain_text_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, records: list[dict[str, Any]]) -> dict:
+def plain_text_accuracy(
+    model: DeepseekV3ForCausalLM,
+    chat: ChatTokenizer,
+    records: list[dict[str, Any]],
+    before: str = "",
+    after: str = " = ",
+) -> dict:
     """Exact-match accuracy of greedy completions of the questions as plain text ("a + b = "), no chat template:
-    what the Base learned from its corpus. Records are chats "What is a + b?" -> "c"."""
+    what the Base learned from its corpus. Records are chats "What is a + b?" -> "c". `before` and `after` change
+    the text around "a + b" (benchmarks/base_anchoring.py)."""
     prompts, answers = [], []
     for r in records:
         question = r["messages"][0]["content"]
         if not (question.startswith("What is ") and question.endswith("?")):
             raise ValueError(f"plain-text accuracy needs 'What is a + b?' questions, got {question!r}")
-        prompts.append([chat.bos_id, *chat.encode_texts([question[len("What is ") : -1] + " = "])[0]])
+        prompts.append([chat.bos_id, *chat.encode_texts([before + question[len("What is ") : -1] + after])[0]])
         answers.append(r["messages"][-1]["content"].strip())
     outputs = generate(model, prompts, chat.eos_id, max_new_tokens=4)
     correct = [chat.tokenizer.decode(o, skip_special_tokens=True).strip() == a for o, a in zip(outputs, answers)]
