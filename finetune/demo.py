@@ -25,6 +25,9 @@ from . import cpt, dpo, sft
 from .evaluate import chat_accuracy, load_chat_model, plain_text_accuracy, preference_accuracy, read_jsonl
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+# The demo's data (data_tools.synthetic): sums a, b < 30, 500 SFT chats, 200 held-out questions (half of their facts
+# in the corpus), and 200 more corpus facts, so the corpus holds every sum but the 100 never seen (docs/demo.md).
+DATA = dict(num_train=500, num_eval=200, num_preference=600, max_operand=30, num_corpus_only=200)
 
 
 def build_eval_preferences(eval_records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
@@ -89,9 +92,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     start = time.time()
-    paths = save_demo_data(
-        out / "data", num_train=500, num_eval=200, num_preference=600, max_operand=30, num_corpus_only=200, seed=seed
-    )
+    paths = save_demo_data(out / "data", **DATA, seed=seed)
     eval_records = read_jsonl(paths["eval"])
     save_jsonl(build_eval_preferences(eval_records, seed), out / "data" / "preference_eval.jsonl")
     dpo_pairs = out / "data" / "preference_near_miss.jsonl"

@@ -6,7 +6,7 @@ import pytest
 from safetensors import safe_open
 
 from data_tools.synthetic import build_demo_data
-from finetune.demo import build_eval_preferences, build_train_preferences
+from finetune.demo import DATA, build_eval_preferences, build_train_preferences
 from finetune.demo import main as demo_main
 
 
@@ -20,7 +20,7 @@ def fact_of(question: str) -> tuple[int, int]:
 
 
 def test_dpo_pairs_never_ask_a_held_out_question_and_are_near_misses():
-    data = build_demo_data(num_train=500, num_eval=200, num_preference=10, max_operand=30, num_corpus_only=200)
+    data = build_demo_data(**{**DATA, "num_preference": 10})
     pairs = build_train_preferences(data["facts"], data["eval"], seed=0)
     held_out = {fact_of(r["messages"][0]["content"]) for r in data["eval"]}
     in_corpus = {fact_of(r["messages"][0]["content"]) for r in data["eval"] if r["in_corpus"]}
