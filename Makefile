@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test serve-test engines lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not serving"
+
+# The serving engines (vLLM, llama.cpp) in their own cached virtualenvs, then our exports served in them.
+engines:
+	PY=$(PY) bash tests/serving/setup_engines.sh
+
+serve-test: $(STAMP) engines
+	$(BIN)/python -m pytest -q tests -m serving
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

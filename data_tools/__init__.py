@@ -17,7 +17,7 @@ from data_tools.packing import build_bins, compute_fill_ratio, pack_dataset
 from data_tools.pipeline import DataRecipe, build_datasets, load_recipe, save_datasets
 from data_tools.synthetic import build_demo_data, save_demo_data
 from data_tools.template import ChatTokenizer, render_chat
-from data_tools.tokenizer import load_tokenizer
+from data_tools.tokenizer import load_tokenizer, save_tokenizer
 
 __all__ = [
     "ChatTokenizer",
@@ -32,6 +32,7 @@ __all__ = [
     "detect_format",
     "load_recipe",
     "load_tokenizer",
+    "save_tokenizer",
     "pack_dataset",
     "render_chat",
     "save_datasets",

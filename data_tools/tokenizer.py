@@ -65,3 +65,35 @@ def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer from `path`, else the packaged DeepSeek-V3 tokenizer (extracted once, sha256-checked)."""
     folder = str(path) if path is not None else str(extract_packaged_tokenizer())
     return AutoTokenizer.from_pretrained(folder)
+
+
+# The files a tokenizer folder may hold, copied as they are: a transformers 5 re-save rewrites tokenizer_config.json
+# (tokenizer_class "TokenizersBackend"), which transformers 4.x, llama.cpp's converter and older engines cannot read.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
+
+
+def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
+    """Copy the tokenizer and chat-template files that exist in `source` to `destination`, byte for byte."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src, dst = Path(source) / name, Path(destination) / name
+        if src.is_file():
+            if not (dst.exists() and os.path.samefile(src, dst)):
+                shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, destination: str | Path) -> list[str]:
+    """Write the tokenizer next to a checkpoint: its source folder's own files byte for byte, else a re-save."""
+    Path(destination).mkdir(parents=True, exist_ok=True)
+    source = Path(tokenizer.name_or_path or "")
+    if source.is_dir() and ((source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()):
+        return copy_tokenizer_files(source, destination)
+    return [Path(f).name for f in tokenizer.save_pretrained(str(destination))]

@@ -27,8 +27,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from data_tools.tokenizer import copy_tokenizer_files
 from model import CheckpointError, ConfigError, DeepseekV3Config, load_config
-from model.checkpoint import INDEX_NAME, copy_tokenizer_files, hf_key_to_internal, list_checkpoint_files
+from model.checkpoint import INDEX_NAME, hf_key_to_internal, list_checkpoint_files
+from model.config import FP8_QUANTIZATION_CONFIG, save_official_config
 from model.fp8 import (
     BLOCK_SIZE,
     check_quantization_config,
@@ -43,12 +45,6 @@ FORMATS = ("bf16", "fp8", "adapter")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 REPORT_NAME = "export_report.json"
-FP8_QUANTIZATION_CONFIG = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [BLOCK_SIZE, BLOCK_SIZE],
-}
 # Files of the base folder that the export writes itself or must not carry over.
 NOT_COPIED = re.compile(r"(model.*\.safetensors|.*\.index\.json|README\.md|.*\.(bin|pt|pth|gguf)|\..*)$")
 DEFAULT_FP8_WARN_BELOW = 0.5
@@ -611,15 +607,19 @@ def write_shards(
     return weight_map
 
 
-def write_config(values: dict, out: Path, fmt: str, scale_fmt: str | None) -> None:
-    """config.json of the output: the base's, with quantization_config set (fp8) or removed (bf16)."""
-    values = dict(values)
-    values.setdefault("model_type", "deepseek_v3")
-    values.setdefault("architectures", ["DeepseekV3ForCausalLM"])
-    values.pop("quantization_config", None)
-    if fmt == "fp8":
-        values["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
-    (out / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+def _stored_dtype(shards: list[list[Entry]]) -> str:
+    """The torch_dtype the output's config.json states: the dtype of most elements, FP8 weights and scales aside."""
+    counts: dict[str, int] = {}
+    for entry in (e for shard in shards for e in shard):
+        if entry.dtype in ("F32", "BF16", "F16", "F64") and len(entry.shape) >= 2:
+            counts[entry.dtype] = counts.get(entry.dtype, 0) + math.prod(entry.shape)
+    return str(DTYPES[max(counts, key=counts.get)]).removeprefix("torch.") if counts else "bfloat16"
+
+
+def write_config(config: DeepseekV3Config, out: Path, fmt: str, scale_fmt: str | None, torch_dtype: str) -> None:
+    """config.json of the output in the official form: quantization_config only for fp8, the stored dtype named."""
+    quant = dict(FP8_QUANTIZATION_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {})) if fmt == "fp8" else None
+    save_official_config(config, out, torch_dtype, quant)
 
 
 def copy_side_files(base_dir: Path, out: Path, tokenizer_dir: str | Path | None, result: ExportResult) -> None:
@@ -722,9 +722,11 @@ def export_merged(
         total = sum(e.nbytes for shard in shards for e in shard)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        write_config(values, staging, fmt, scale_fmt)
+        stored = _stored_dtype(shards)
+        write_config(config, staging, fmt, scale_fmt, stored)
         copy_side_files(base_dir, staging, tokenizer_dir, result)
-        lines = [f"DeepSeek-V3 checkpoint in {'FP8 (e4m3, 128x128 block scales)' if fmt == 'fp8' else 'BF16'}."]
+        # --format bf16 dequantizes FP8 to BF16 and keeps every other tensor's dtype (an fp32 base stays fp32).
+        lines = [f"DeepSeek-V3 checkpoint in {'FP8 (e4m3, 128x128 block scales)' if fmt == 'fp8' else stored}."]
         lines += [f"- base: `{base_dir}`"]
         if adapter is not None:
             cfg = adapter.config

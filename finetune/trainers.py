@@ -30,6 +30,7 @@ from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, _ChunkedLogProbFunction
 
+from data_tools import save_tokenizer
 from model.checkpoint import load_state_into
 from model.modeling import DeepseekV3PreTrainedModel
 
@@ -186,6 +187,20 @@ class MoETrainerMixin:
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=False,
             )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """transformers' save, with the tokenizer's own files copied byte for byte instead of re-saved.
+
+        transformers 5 rewrites tokenizer_config.json (tokenizer_class "TokenizersBackend"), which transformers 4.x,
+        llama.cpp's converter and older serving engines cannot read.
+        """
+        tokenizer, self.processing_class = self.processing_class, None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.processing_class = tokenizer
+        if tokenizer is not None and self.args.should_save:
+            save_tokenizer(tokenizer, output_dir if output_dir is not None else self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Full models are saved in the HF layout (per-expert keys): load them with our loader."""

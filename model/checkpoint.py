@@ -9,11 +9,11 @@ tensors in one at a time, so peak memory is the model plus one tensor.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import DeepseekV3Config, load_config
+from .config import FP8_QUANTIZATION_CONFIG, DeepseekV3Config, load_config, save_official_config
 from .fp8 import apply_fp8_storage, check_quantization_config
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,6 +29,9 @@ SINGLE_NAME = "model.safetensors"
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _MTP = re.compile(r"^model\.mtp\.(\d+)\.(.*)$")
+
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -179,8 +182,13 @@ def load_state_into(
     path: Path,
     strict: bool = True,
     progress: bool = True,
+    skip: Iterable[str] = (),
 ) -> None:
-    """Stream every tensor of the checkpoint at `path` into the already allocated `model`."""
+    """Stream every tensor of the checkpoint at `path` into the already allocated `model`.
+
+    `skip`: model tensors the checkpoint need not hold (a freshly initialised MTP module). Every problem is reported
+    at once, under the checkpoint's own key names.
+    """
     config = model.config
     files = list_checkpoint_files(path)
     block = _weight_block(config)
@@ -250,7 +258,7 @@ def load_state_into(
     bar.close()
 
     missing = []
-    for name in sorted(expected):
+    for name in sorted(expected - set(skip)):
         slots = filled[name]
         if name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_scale_inv")):
             need = {(e, p) for e in range(experts) for p in ("gate", "up")}
@@ -259,8 +267,7 @@ def load_state_into(
         else:
             need = {(None, None)}
         if not need <= slots:
-            gap = len(need - slots)
-            missing.append(name if need == {(None, None)} else f"{name} ({gap} expert slices)")
+            missing.append(checkpoint_key_of(name, config, sorted(need - slots, key=str)))
     problems = []
     if errors:
         problems.append(_summarise("unreadable tensors", errors))
@@ -272,6 +279,40 @@ def load_state_into(
         problems.append(_summarise("unexpected tensors", sorted(unexpected)))
     if problems:
         raise CheckpointError(f"{path} does not match the model config:\n  " + "\n  ".join(problems))
+
+
+def checkpoint_key_of(name: str, config: DeepseekV3Config, slots: list[tuple[int | None, str | None]]) -> str:
+    """The checkpoint key(s) a model tensor comes from, for messages (fused experts: which expert slices)."""
+    mtp = _MTP.match(name)
+    key = f"model.layers.{config.num_hidden_layers + int(mtp.group(1))}.{mtp.group(2)}" if mtp else name
+    if slots == [(None, None)]:
+        return key
+    prefix = key.rpartition(".experts.")[0] + ".experts"
+    suffix = "weight_scale_inv" if key.endswith("_scale_inv") else "weight"
+    ids = sorted({expert for expert, _ in slots})
+    parts = "/".join(sorted({part for _, part in slots}))
+    shown = ",".join(map(str, ids[:8])) + (",..." if len(ids) > 8 else "")
+    return f"{prefix}.{{{shown}}}.{{{parts}}}_proj.{suffix} ({len(slots)} expert slices)"
+
+
+def has_mtp_tensors(files: dict[str, Path], config: DeepseekV3Config) -> bool:
+    """Whether the checkpoint stores any MTP tensor (layer index >= num_hidden_layers)."""
+    for key in files:
+        layer = _LAYER.match(key)
+        if layer and int(layer.group(1)) >= config.num_hidden_layers:
+            return True
+    return False
+
+
+def init_fresh_mtp(model: torch.nn.Module) -> None:
+    """A new MTP module for a checkpoint that has none: embedding, head and output norm copied from the main model
+    (the official MTP module shares them), the fusion and the decoder block initialised as a new model's are."""
+    with torch.no_grad():
+        for layer in model.model.mtp:
+            layer.apply(model._init_weights)
+            layer.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+            layer.shared_head.head.weight.copy_(model.lm_head.weight)
+            layer.shared_head.norm.weight.copy_(model.model.norm.weight)
 
 
 def load_pretrained(
@@ -304,14 +345,49 @@ def load_pretrained(
         raise CheckpointError(f"{path}: checkpoint folder not found")
     config = config or load_config(path)
     target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
-    model = build_meta_model(cls, config, path, list_checkpoint_files(path), target_dtype, fp8)
+    files = list_checkpoint_files(path)
+    fresh_mtp = check_mtp_presence(config, files, path)
+    model = build_meta_model(cls, config, path, files, target_dtype, fp8)
     model.to_empty(device=device)
     reset_nonpersistent_buffers(model)
-    load_state_into(model, path, strict=strict, progress=progress)
+    skip = [name for name in model.state_dict() if name.startswith("model.mtp.")] if fresh_mtp else []
+    load_state_into(model, path, strict=strict, progress=progress, skip=skip)
+    if fresh_mtp:
+        init_fresh_mtp(model)
     model.config.dtype = target_dtype
     model.config._name_or_path = str(path)
     model.eval()
     return model
+
+
+def check_mtp_presence(config: DeepseekV3Config, files: dict[str, Path], path: Path) -> bool:
+    """A checkpoint whose config has MTP layers but whose files hold none (what transformers saves): one warning.
+
+    With the MTP loss on, the module is built fresh (returns True); otherwise the model is built without it
+    (config.num_nextn_predict_layers becomes 0, so a later save states what it holds).
+    """
+    if not config.num_mtp_modules or has_mtp_tensors(files, config):
+        return False
+    first = f"model.layers.{config.num_hidden_layers}.*"
+    if config.mtp_loss_enabled:
+        logger.warning(
+            "%s: config.json has num_nextn_predict_layers=%d but the checkpoint has no MTP tensors (%s; transformers "
+            "drops them on save): the MTP module is initialised fresh for the MTP loss (embedding, head and norm "
+            "copied from the main model, the rest random)",
+            path,
+            config.num_mtp_modules,
+            first,
+        )
+        return True
+    logger.warning(
+        "%s: config.json has num_nextn_predict_layers=%d but the checkpoint has no MTP tensors (%s; transformers "
+        "drops them on save): loaded without the MTP module",
+        path,
+        config.num_mtp_modules,
+        first,
+    )
+    config.num_nextn_predict_layers = 0
+    return False
 
 
 def build_meta_model(
@@ -403,19 +479,27 @@ def save_pretrained(
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    config = model.config
-    config.architectures = ["DeepseekV3ForCausalLM"]
-    config.save_pretrained(out)
+    save_checkpoint_config(model.config, out, (tensor for _, tensor in names))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
 
 
-def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
-    """Copy tokenizer and chat-template files that exist in `source` to `destination`."""
-    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
-    copied = []
-    for name in names:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(destination) / name)
-            copied.append(name)
-    return copied
+def stored_dtype_name(tensors: Iterable[torch.Tensor]) -> str:
+    """The torch_dtype a config.json states: the dtype holding most elements, FP8 weights and their scales aside."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.dtype != torch.float8_e4m3fn and tensor.dim() >= 2:
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    if not counts:
+        return "bfloat16"
+    return str(max(counts, key=counts.get)).removeprefix("torch.")
+
+
+def save_checkpoint_config(config: DeepseekV3Config, out: Path, tensors: Iterable[torch.Tensor]) -> None:
+    """config.json in the official form for the tensors just written (quantization_config only when some are FP8)."""
+    tensors = list(tensors)
+    fp8 = any(t.dtype == torch.float8_e4m3fn for t in tensors)
+    quant = None
+    if fp8:
+        quant = dict(_quantization_config(config)) or dict(FP8_QUANTIZATION_CONFIG)
+    save_official_config(config, out, stored_dtype_name(tensors), quant)

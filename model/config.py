@@ -267,3 +267,117 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_layer_freq=1,
     ),
 }
+
+
+# The keys of the official DeepSeek-V3 config.json (deepseek-ai/DeepSeek-V3, HF format), in the forms it writes them:
+# serving engines (vLLM, SGLang, llama.cpp's converter) and transformers 4.x and 5.x read these and nothing else.
+# vLLM builds the router bias only when topk_method is "noaux_tc" and llama.cpp gates with softmax unless
+# scoring_func says "sigmoid", so a checkpoint without them loads wrongly or not at all. Training-only settings
+# (mtp_loss_*, balance_loss_alpha) live in the recipe, never here.
+OFFICIAL_CONFIG_KEYS = (
+    "architectures",
+    "model_type",
+    "attention_bias",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "first_k_dense_replace",
+    "hidden_act",
+    "hidden_size",
+    "initializer_range",
+    "intermediate_size",
+    "kv_lora_rank",
+    "max_position_embeddings",
+    "moe_intermediate_size",
+    "moe_layer_freq",
+    "n_group",
+    "n_routed_experts",
+    "n_shared_experts",
+    "norm_topk_prob",
+    "num_attention_heads",
+    "num_experts_per_tok",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "num_nextn_predict_layers",
+    "q_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "quantization_config",
+    "rms_norm_eps",
+    "rope_scaling",
+    "rope_theta",
+    "routed_scaling_factor",
+    "scoring_func",
+    "tie_word_embeddings",
+    "topk_group",
+    "topk_method",
+    "torch_dtype",
+    "use_cache",
+    "v_head_dim",
+    "vocab_size",
+)
+# The official FP8 format (the 671B checkpoint's quantization_config).
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+_OFFICIAL_DEFAULTS = {"moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def official_rope_scaling(config: DeepseekV3Config) -> dict[str, Any] | None:
+    """rope_scaling as the official file writes it ({"type": "yarn", ...} without rope_theta), or None for plain RoPE."""
+    rope = dict(config.rope_parameters or {})
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        return None
+    scaling = {"type": rope.get("rope_type", rope.get("type"))}
+    scaling.update({key: rope[key] for key in _YARN_KEYS if rope.get(key) is not None})
+    return scaling
+
+
+def official_config_dict(
+    config: DeepseekV3Config, torch_dtype: str = "bfloat16", quantization_config: dict | None = None
+) -> dict[str, Any]:
+    """config.json for a checkpoint: exactly the official key set and forms, with the stored tensors' dtype.
+
+    quantization_config is written only when given (an FP8 checkpoint); every other value comes from `config`.
+    """
+    rope = dict(config.rope_parameters or {})
+    values: dict[str, Any] = {}
+    for key in OFFICIAL_CONFIG_KEYS:
+        if key == "architectures":
+            values[key] = ["DeepseekV3ForCausalLM"]
+        elif key == "model_type":
+            values[key] = "deepseek_v3"
+        elif key == "rope_scaling":
+            values[key] = official_rope_scaling(config)
+        elif key == "rope_theta":
+            values[key] = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        elif key == "torch_dtype":
+            values[key] = torch_dtype
+        elif key == "quantization_config":
+            if quantization_config:
+                values[key] = dict(quantization_config)
+        else:
+            values[key] = getattr(config, key, _OFFICIAL_DEFAULTS.get(key))
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(values[key], list) and len(values[key]) == 1:
+            values[key] = values[key][0]
+    return values
+
+
+def save_official_config(
+    config: DeepseekV3Config,
+    out: str | Path,
+    torch_dtype: str = "bfloat16",
+    quantization_config: dict | None = None,
+) -> dict[str, Any]:
+    """Write `out`/config.json in the official form (see official_config_dict) and return what was written."""
+    values = official_config_dict(config, torch_dtype, quantization_config)
+    path = Path(out) / "config.json"
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    tmp.replace(path)
+    return values

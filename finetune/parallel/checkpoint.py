@@ -34,6 +34,7 @@ from model.checkpoint import (
     list_checkpoint_files,
     reset_nonpersistent_buffers,
     resolve_dtype,
+    save_checkpoint_config,
 )
 from model.config import DeepseekV3Config, load_config
 from model.fp8 import FP8_DTYPE
@@ -205,6 +206,7 @@ def save_consolidated(
     written: list[tuple[str, list[str], int]] = []  # (file, keys, bytes)
     shard: dict[str, torch.Tensor] = {}
     size = 0
+    kinds: list[torch.Tensor] = []  # rank 0: meta tensors of what it wrote, for config.json's dtype and format
 
     def flush() -> None:
         nonlocal shard, size
@@ -230,6 +232,8 @@ def save_consolidated(
                 flush()
             shard[key] = piece.contiguous()
             size += nbytes
+            if rank == 0:
+                kinds.append(torch.empty(piece.shape, dtype=piece.dtype, device="meta"))
     flush()
     everyone: list = [None] * groups.world_size
     dist.all_gather_object(everyone, written)
@@ -243,6 +247,5 @@ def save_consolidated(
             total += nbytes
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        config.architectures = ["DeepseekV3ForCausalLM"]
-        config.save_pretrained(out)
+        save_checkpoint_config(config, out, kinds)
     dist.barrier()

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_tools import save_tokenizer
+
 from .checkpoint import save_consolidated
 from .groups import ExpertParallelGroups, ParallelConfigError, check_ep_size
 
@@ -132,7 +134,7 @@ def apply_consolidated_save(trainer: Any, groups: ExpertParallelGroups, base: nn
         else:
             save_consolidated(base, out, groups)
         if dist.get_rank() == 0 and trainer.processing_class is not None:
-            trainer.processing_class.save_pretrained(str(out))
+            save_tokenizer(trainer.processing_class, out)
         dist.barrier()
         if dist.get_rank() == 0:
             print(
