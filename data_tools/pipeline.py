@@ -10,6 +10,7 @@ A data recipe is YAML (a top-level `data:` section of a training recipe works to
     max_length: 2048
 """
 
+import difflib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,9 +69,16 @@ class DataRecipe:
     def from_dict(cls, values: dict[str, Any]) -> "DataRecipe":
         """A recipe from a mapping (a `data:` section is unwrapped); unknown keys are an error."""
         values = dict(values.get("data", values))
-        unknown = set(values) - {f.name for f in fields(cls)}
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise DataError(f"unknown recipe keys {sorted(unknown)}")
+            hints = [
+                f"{key!r} (did you mean {close[0]!r}?)"
+                if (close := difflib.get_close_matches(key, known, n=1))
+                else repr(key)
+                for key in unknown
+            ]
+            raise DataError(f"unknown recipe keys {', '.join(hints)}; known: {', '.join(known)}")
         for key in ("sources", "eval_sources", "replay_sources"):
             values[key] = [SourceSpec.from_value(v) for v in values.get(key) or []]
         recipe = cls(**values)

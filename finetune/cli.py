@@ -33,9 +33,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from model import CheckpointError, ConfigError
 
     from .config import RecipeError
-    from .trainers import TrainingDiverged
+    from .trainers import CheckpointWriteError, TrainingDiverged
 
-    return (RecipeError, DataError, ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError)
+    return (
+        RecipeError,
+        DataError,
+        ConfigError,
+        CheckpointError,
+        TrainingDiverged,
+        CheckpointWriteError,
+        FileNotFoundError,
+    )
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

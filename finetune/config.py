@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
+import math
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +21,8 @@ from typing import Any, TypeVar
 import torch
 import yaml
 from trl import DPOConfig, KTOConfig, SFTConfig
+
+from data_tools.pipeline import DataRecipe
 
 # CPO (with SimPO) and ORPO live in trl.experimental, which warns at import; the pinned trl is tested here (see
 # tests/finetune/test_preference_stages.py), so the notice would only repeat at every stage's start.
@@ -84,6 +90,10 @@ class ModelFields:
     router_bias_update: str = field(
         default="auto",
         metadata={"help": "Update the router bias: auto (when the router weights train), always or never."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds a run (its checkpoints and logs are removed)."},
     )
     loss_log_file: str | None = field(
         default="losses.jsonl", metadata={"help": "Every logged metric as JSON lines in output_dir; null = none."}
@@ -181,7 +191,10 @@ def load_stage_config(cls: type[_T], path: str | Path | None, overrides: list[st
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
         if not isinstance(values, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of config keys")
     extra = parse_overrides(overrides or [])
@@ -192,15 +205,160 @@ def load_stage_config(cls: type[_T], path: str | Path | None, overrides: list[st
     return build_stage_config(cls, values, str(path) if path else "command line")
 
 
+# Names users bring from other tools (and trl's own data keys, which the toolkit does not read: data_tools prepares
+# every dataset) -> the key that does it here.
+ALIASES = {
+    "lora_rank": "lora_r",
+    "rank": "lora_r",
+    "r": "lora_r",
+    "alpha": "lora_alpha",
+    "lr": "learning_rate",
+    "batch_size": "per_device_train_batch_size",
+    "micro_batch_size": "per_device_train_batch_size",
+    "epochs": "num_train_epochs",
+    "grad_accum": "gradient_accumulation_steps",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "model": "model_name_or_path",
+    "model_path": "model_name_or_path",
+    "lora_target": "lora_preset",
+    "lora_target_modules": "lora_preset",
+    "dataset": "data.sources",
+    "dataset_name": "data.sources",
+}
+TRL_DATA_KEYS = {
+    "max_length": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "max_prompt_length": "data.max_length",
+    "max_completion_length": "data.max_length",
+    "packing": "data.pack",
+    "padding_free": "data.pack",
+    "dataset_text_field": "data.sources (with format:)",
+    "completion_only_loss": "data.sources (the chat template masks prompts)",
+    "assistant_only_loss": "data.sources (the chat template masks prompts)",
+    "dataset_num_proc": "data.num_proc",
+    "truncation_mode": "data.on_too_long",
+}
+# Range checks: key -> (test, what the value must be).
+RANGES: dict[str, tuple[Any, str]] = {
+    "learning_rate": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "an integer >= 1 (or -1: train by num_train_epochs)"),
+    "num_train_epochs": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "lora_r": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_steps": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = no clipping)"),
+    "logging_steps": (lambda v: v > 0, "a number > 0"),
+    "save_steps": (lambda v: v > 0, "a number > 0"),
+    "eval_steps": (lambda v: v is None or v > 0, "a number > 0"),
+    "mtp_loss_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "balance_loss_alpha": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "router_bias_gamma": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "beta": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "save_total_limit": (lambda v: v is None or v >= 1, "an integer >= 1 (or null: keep every checkpoint)"),
+}
+
+
+def _unknown_key(key: str, known: set[str], cls: type, source: str) -> RecipeError:
+    if key in TRL_DATA_KEYS:
+        return RecipeError(
+            f"{source}: {key!r} is trl's key, which the toolkit does not read (data_tools prepares the data); "
+            f"use {TRL_DATA_KEYS[key]}"
+        )
+    if key in ALIASES:
+        return RecipeError(f"{source}: unknown key {key!r} for {cls.__name__}; did you mean {ALIASES[key]!r}?")
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return RecipeError(f"{source}: unknown key {key!r} for {cls.__name__}{hint}")
+
+
+def _kinds(hint: Any) -> list[Any]:
+    """The alternatives of a type hint (X | Y | None -> [X, Y, NoneType])."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [k for arg in typing.get_args(hint) for k in _kinds(arg)]
+    return [hint]
+
+
+def check_value(key: str, value: Any, hint: Any, source: str) -> Any:
+    """`value` for a field typed `hint`, converted where that is safe; a RecipeError naming the key otherwise."""
+    kinds = _kinds(hint)
+    origins = {typing.get_origin(k) or k for k in kinds}
+    if value is None:
+        if type(None) in kinds or Any in kinds:
+            return value
+        raise RecipeError(f"{source}: {key} cannot be null")
+    if Any in origins or type(value) in origins:
+        if isinstance(value, bool) and bool not in origins and int in origins:
+            raise RecipeError(f"{source}: {key}={value!r} must be an integer, not true/false")
+        return value
+    enums = [k for k in kinds if isinstance(k, type) and issubclass(k, enum.Enum)]
+    if isinstance(value, bool) and str in origins:
+        # YAML reads no/yes/off/on as booleans: save_strategy=no means "no".
+        if not value and any("no" in {m.value for m in e} for e in enums):
+            return "no"
+        raise RecipeError(f"{source}: {key}={value!r}: YAML read a boolean; quote the text you meant, e.g. {key}='no'")
+    if isinstance(value, bool):
+        raise RecipeError(f"{source}: {key}={value!r} must be {_describe(origins)}, not true/false")
+    if int in origins and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if float in origins and isinstance(value, int):
+        return float(value)
+    if (int in origins or float in origins) and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if float in origins:
+                return number
+            if number.is_integer():
+                return int(number)
+    if list in origins and isinstance(value, (str, int, float)):
+        return [value]  # one item for a list field, as trl takes loss_type='ipo'
+    raise RecipeError(f"{source}: {key}={value!r} must be {_describe(origins)}")
+
+
+def _describe(origins: set[Any]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    names[dict] = "a mapping"
+    return " or ".join(names[o] for o in (int, float, bool, str, list, dict) if o in origins) or "valid"
+
+
 def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "config") -> _T:
-    """Instantiate `cls` from a mapping, with our defaults and one-sentence errors."""
+    """Instantiate `cls` from a mapping, with our defaults and one-sentence errors.
+
+    Every value is type-checked and range-checked here, before a model or a tokenizer loads.
+    """
     known = {f.name for f in fields(cls) if f.init}
     for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"{source}: unknown key {key!r} for {cls.__name__}{hint}")
-    merged = dict(values)
+        if key not in known or key in TRL_DATA_KEYS:
+            raise _unknown_key(key, known, cls, source)
+    data = values.get("data") or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: data must be a mapping of data recipe keys (data_tools.pipeline.DataRecipe)")
+    data_keys = sorted(f.name for f in fields(DataRecipe))
+    for key in data:
+        if key not in data_keys:
+            close = difflib.get_close_matches(key, data_keys, n=1)
+            close = close or (["max_length"] if key in ("max_len", "max_seq_length", "seq_len") else [])
+            hint = f"; did you mean 'data.{close[0]}'?" if close else ""
+            raise RecipeError(f"{source}: unknown key 'data.{key}'{hint}")
+    hints = typing.get_type_hints(cls)
+    merged = {key: check_value(key, value, hints.get(key, Any), source) for key, value in values.items()}
+    for key, value in merged.items():
+        if key in RANGES and value is not None and not RANGES[key][0](value):
+            raise RecipeError(f"{source}: {key}={value!r} must be {RANGES[key][1]}")
+    if cls.__name__ in ("DPOStageConfig", "KTOStageConfig", "CPOStageConfig", "ORPOStageConfig"):
+        if merged.get("mtp_loss_weight", 0) > 0:
+            raise RecipeError(
+                f"{source}: mtp_loss_weight: the preference stages do not train the MTP module; set it to 0"
+            )
+    if cls.__name__ == "KTOStageConfig" and merged.get("per_device_train_batch_size", 8) < 2:
+        raise RecipeError(
+            f"{source}: per_device_train_batch_size must be >= 2 for KTO (its KL term pairs each example with "
+            "another completion of the same batch)"
+        )
     if merged.get("bf16") and not torch.cuda.is_available():
         merged.setdefault("use_cpu", True)  # transformers refuses bf16 autocast on CPU unless told to use it
     lora_preset = merged.get("lora_preset", "both")

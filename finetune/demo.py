@@ -99,7 +99,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
     save_jsonl(build_train_preferences(read_jsonl(paths["facts"]), eval_records, seed), dpo_pairs)
     tokenizer = load_tokenizer()
     times["data"] = time.time() - start
-    common = {"seed": seed, "report_to": report_to}
+    common = {"seed": seed, "report_to": report_to, "overwrite_output_dir": True}
 
     start = time.time()
     cpt.main(

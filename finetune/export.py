@@ -361,6 +361,13 @@ def resolve_adapter(
         if max(ids) >= vocab or min(ids) < 0:
             raise ExportError(f"{where}: {module} trains token id {max(ids)} but {key} has {vocab} rows")
         token_rows[key] = TokenRows(torch.tensor(ids), values, module)
+    # The MTP layers share the main embedding; their copies in the checkpoint get the same rows (unless an older
+    # adapter trained a copy of its own).
+    if "model.embed_tokens.weight" in token_rows:
+        for k in range(config.num_mtp_modules):
+            copy = f"model.layers.{config.num_hidden_layers + k}.embed_tokens.weight"
+            if copy in base and copy not in token_rows:
+                token_rows[copy] = token_rows["model.embed_tokens.weight"]
     return Adapter(Path(adapter_dir), adapter_config, deltas, nbytes, token_rows)
 
 

@@ -118,8 +118,7 @@ def build_lora_config(
     """A LoraConfig naming every adapted module in full; routed experts through target_parameters (opt-in).
 
     trainable_tokens: token ids whose rows of the input embedding train alongside the adapter (peft's
-    trainable_token_indices: a [n, hidden] tensor replacing those rows); the MTP modules' own embedding copies too
-    when include_mtp.
+    trainable_token_indices: a [n, hidden] tensor replacing those rows), which the MTP modules share.
     """
     targets = lora_module_names(model, preset, dense_mlp, include_mtp)
     parameters = None
@@ -132,13 +131,8 @@ def build_lora_config(
         )
     token_rows = None
     if trainable_tokens:
-        # peft matches these names as suffixes: "model.embed_tokens" is the decoder's embedding, not model.mtp.<k>'s
-        embeddings = ["model.embed_tokens"]
-        if include_mtp:
-            embeddings += [
-                name for name, _ in model.named_modules() if re.fullmatch(r"(.*\.)?mtp\.\d+\.embed_tokens", name)
-            ]
-        token_rows = {name: sorted(set(trainable_tokens)) for name in embeddings}
+        # The MTP modules use this same embedding (shared, as in the paper), so its rows train for them too.
+        token_rows = {"model.embed_tokens": sorted(set(trainable_tokens))}
     return LoraConfig(
         r=r,
         lora_alpha=alpha,

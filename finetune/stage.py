@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,7 +17,7 @@ import torch.distributed as dist
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import PreTrainedTokenizerBase, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from data_tools import DataCollator, DataRecipe, build_datasets, load_tokenizer
 from model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
@@ -58,6 +63,10 @@ def parse_stage_args(cls: type[_T], argv: list[str] | None, stage: str, doc: str
         check_zero_stage(config, ep_size)
     except ParallelConfigError as err:
         raise RecipeError(str(err)) from None
+    check_output_dir(config)
+    # Before anything random (a preset's init, LoRA's A matrices, peft inside trl's trainers, data shuffles): two
+    # runs with the same seed are then bitwise equal on CPU.
+    set_seed(config.seed)
     return config
 
 
@@ -174,20 +183,122 @@ def build_lora_config_from(model: DeepseekV3ForCausalLM, config: Any, tokenizer:
     )
 
 
+RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "trainer_state.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def resuming(config: Any) -> bool:
+    return config.resume_from_checkpoint not in (None, False, "false", "none", "")
+
+
+def check_output_dir(config: Any) -> None:
+    """A used output_dir is refused unless the recipe resumes it or says overwrite_output_dir (then it is cleared).
+
+    Otherwise the old run's checkpoints stay beside the new ones and `resume_from_checkpoint=last` later picks
+    the old run's.
+    """
+    folder = Path(config.output_dir)
+    if not folder.is_dir() or resuming(config):
+        return
+    loss_file = config.loss_log_file or ""
+    used = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or p.name in (*RUN_FILES, loss_file)
+    )
+    if not used:
+        return
+    if not config.overwrite_output_dir:
+        shown = ", ".join(used[:3]) + (", ..." if len(used) > 3 else "")
+        raise RecipeError(
+            f"output_dir={folder} already holds a run ({shown}): resume it with resume_from_checkpoint=last or "
+            "start over with overwrite_output_dir=true"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in [*used, ".staging"]:
+            path = folder / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{file.name} has no readable safetensors header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if file.stat().st_size < 8 + size + end:
+        return f"{file.name} is truncated ({file.stat().st_size} of {8 + size + end} bytes)"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None: it verifies): state, weights, and every torch file
+    complete. Cheap: headers and zip directories only, nothing is unpickled."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("global_step*")):
+        return "no model or adapter weights"
+    for file in sorted(folder.rglob("*")):
+        if file.suffix == ".safetensors" and (problem := _safetensors_problem(file)):
+            return problem
+        if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
+            return f"{file.relative_to(folder)} is truncated or not a torch file"
+    return None
+
+
 def resume_checkpoint(config: Any) -> str | None:
-    """resume_from_checkpoint: a folder, or true/last/auto for the newest complete checkpoint in output_dir."""
+    """resume_from_checkpoint: a folder, or true/last/auto for the newest checkpoint in output_dir that verifies
+    (checkpoint_problem); a checkpoint set aside after a divergence (checkpoint-N.unverified) is never picked."""
     value = config.resume_from_checkpoint
-    if value in (None, False, "false", "none", ""):
+    if not resuming(config):
         return None
     if value in (True, "true", "last", "auto"):
         folder = Path(config.output_dir)
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-        if last is None and value != "auto":
-            raise RecipeError(f"resume_from_checkpoint={value}: no checkpoint in {folder}")
-        return last
+        candidates = []
+        if folder.is_dir():
+            candidates = [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+        for candidate in sorted(candidates, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                return str(candidate)
+            print(f"resume: skipping {candidate}: {problem}", file=sys.stderr)
+        if value != "auto":
+            raise RecipeError(f"resume_from_checkpoint={value}: no checkpoint in {folder} that verifies")
+        return None
     if not Path(value).is_dir():
         raise RecipeError(f"resume_from_checkpoint={value!r} is not a folder")
+    problem = checkpoint_problem(Path(value))
+    if problem is not None:
+        raise RecipeError(f"resume_from_checkpoint={value}: cannot resume from it: {problem}")
     return str(value)
+
+
+def trim_loss_log(config: Any, checkpoint: str) -> None:
+    """Drop the records of steps after `checkpoint` from the loss log: the resumed run logs them again."""
+    if not config.loss_log_file or int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = Path(config.output_dir) / config.loss_log_file
+    if not path.is_file():
+        return
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by the kill that ended the run
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def train_and_save(trainer: Any, config: Any) -> None:
@@ -197,7 +308,12 @@ def train_and_save(trainer: Any, config: Any) -> None:
         for peft_config in trainer.model.peft_config.values():
             peft_config.base_model_name_or_path = str(Path(config.model_name_or_path).absolute())
     prepare_distributed(trainer, config)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
+    checkpoint = resume_checkpoint(config)
+    if checkpoint is not None:
+        trim_loss_log(config, checkpoint)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"resuming from {checkpoint}", file=sys.stderr)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     print(f"saved to {config.output_dir}", file=sys.stderr)
 

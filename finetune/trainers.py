@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import json
+import math
 import os
 import shutil
 import types
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import DPOTrainer, KTOTrainer, SFTTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
@@ -38,6 +40,10 @@ from .moe import ExpertLoadTracker
 from .parallel import ExpertParallelGroups, prepare_zero3_expert_parallel, prepare_zero3_reference
 
 CHUNK_SIZE = 4096
+
+
+class CheckpointWriteError(RuntimeError):
+    """A training checkpoint could not be written (disk full); the message says what is left and what to do."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,14 +135,47 @@ class MoETrainerMixin:
             self._extra_losses.setdefault(name, []).append(float(value.detach()))
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop on a NaN/inf training loss before it reaches the weights (the last checkpoint stays good)."""
+        """Stop on a NaN/inf training loss before it reaches the weights."""
         if self.model.training and not torch.isfinite(loss.detach()).all():
-            last = self.state.global_step
-            raise TrainingDiverged(
-                f"the training loss became {float(loss.detach())} at step {last + 1}; stopped before the update "
-                f"(the last saved checkpoint in {self.args.output_dir} is intact: lower the learning rate or check "
-                "the data, then resume from it)"
+            self.diverged(f"the training loss became {float(loss.detach())}")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """transformers' gradient norm, checked before the optimizer step: a non-finite one never reaches the
+        weights (a finite loss can still give inf gradients)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            self.diverged(f"the gradient norm became {float(grad_norm)}")
+        return grad_norm
+
+    def diverged(self, what: str) -> None:
+        """Raise TrainingDiverged naming a checkpoint that is known good.
+
+        A checkpoint is known good once a finite step followed it. The one saved right before the diverging step is
+        not (its weights may be what diverged: with a huge learning rate step 1's update is finite and step 2's loss
+        is NaN), so it is moved aside as checkpoint-N.unverified and `resume_from_checkpoint=last` skips it.
+        """
+        step = self.state.global_step
+        run_dir = Path(self.args.output_dir)
+        moved = None
+        suspect = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.args.should_save and suspect.is_dir():
+            moved = suspect.with_name(suspect.name + ".unverified")
+            shutil.rmtree(moved, ignore_errors=True)
+            os.replace(suspect, moved)
+        good = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        message = f"{what} at step {step + 1}; stopped before the optimizer step."
+        if moved is not None:
+            message += f" {suspect.name} was saved just before that step, so it is set aside as {moved.name}."
+        if good is not None:
+            message += (
+                f" The newest checkpoint that a finite step followed is {good}: lower the learning rate or check the "
+                "data, then resume from it (resume_from_checkpoint=last)."
             )
+        else:
+            message += (
+                " No earlier checkpoint is known good: lower the learning rate or check the data and start again."
+            )
+        raise TrainingDiverged(message)
 
     def with_balance_loss(self, compute: Callable[[], Any], return_outputs: bool) -> Any:
         """Run a preference trainer's loss (over the fused head) and add the policy forward's balance loss."""
@@ -170,6 +209,19 @@ class MoETrainerMixin:
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:
+            # A full disk surfaces as OSError(ENOSPC) from safetensors/json, or as torch's inline_container.cc
+            # "PytorchStreamWriter failed writing file" for optimizer.pt.
+            full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+            if not (full or "PytorchStreamWriter failed" in str(err) or "file write failed" in str(err)):
+                raise
+            shutil.rmtree(staging_root, ignore_errors=True)
+            free = shutil.disk_usage(run_dir).free if os.path.isdir(run_dir) else 0
+            raise CheckpointWriteError(
+                f"writing {name} into {run_dir} failed: the disk is full ({free / 1e9:.2f} GB free); the partial "
+                "checkpoint was removed and earlier checkpoints are untouched: free space, then resume "
+                "(resume_from_checkpoint=last)"
+            ) from None
         finally:
             self.args.output_dir, self.args.save_total_limit = real, limit
         # Every rank writes its own part (its RNG state after DeepSpeed's last barrier): a rename before a late rank

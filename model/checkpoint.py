@@ -77,8 +77,30 @@ def hf_key_to_internal(key: str, config: DeepseekV3Config) -> tuple[str, int | N
     return key, index, part
 
 
+# The MTP modules use the main model's embedding and output head (shared, as in the paper); the checkpoint also
+# stores a copy of each per MTP layer, as the official files do. Main tensor name -> the copy's key suffix.
+MTP_SHARED = {"model.embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "shared_head.head.weight"}
+
+
+def mtp_shared_copy(key: str, config: DeepseekV3Config) -> str | None:
+    """The main tensor a checkpoint key copies (model.layers.{L+k}.embed_tokens / shared_head.head), else None."""
+    layer = _LAYER.match(key)
+    if layer and int(layer.group(1)) >= config.num_hidden_layers:
+        for main, suffix in MTP_SHARED.items():
+            if layer.group(2) == suffix:
+                return main
+    return None
+
+
 def internal_to_hf(name: str, tensor: torch.Tensor, config: DeepseekV3Config) -> Iterator[tuple[str, torch.Tensor]]:
-    """One model tensor -> its checkpoint tensors (fused experts split per expert, MTP renamed to its layer)."""
+    """One model tensor -> its checkpoint tensors (fused experts split per expert, MTP renamed to its layer; the
+    embedding and the output head also as each MTP layer's copy)."""
+    if name in MTP_SHARED:
+        yield name, tensor
+        for k in range(config.num_mtp_modules):
+            # A copy of its own: safetensors refuses tensors that share memory.
+            yield f"model.layers.{config.num_hidden_layers + k}.{MTP_SHARED[name]}", tensor.detach().clone()
+        return
     mtp = _MTP.match(name)
     if mtp:
         name = f"model.layers.{config.num_hidden_layers + int(mtp.group(1))}.{mtp.group(2)}"
@@ -198,6 +220,7 @@ def load_state_into(
     filled: dict[str, set] = {name: set() for name in expected}
     experts = config.n_routed_experts
     unexpected, misshaped, errors = [], [], []
+    copies: list[tuple[str, Path, str]] = []  # (checkpoint key, file, main tensor) of the MTP layers' shared copies
 
     by_file: dict[Path, list[str]] = {}
     for key, file in files.items():
@@ -212,6 +235,10 @@ def load_state_into(
                 bar.update(1)
                 if key not in present:
                     errors.append(f"{key} is listed in the index for {file.name} but not stored there")
+                    continue
+                shared = mtp_shared_copy(key, config)
+                if shared is not None and shared in targets:
+                    copies.append((key, file, shared))  # checked against the main tensor once that is loaded
                     continue
                 name, expert, part = hf_key_to_internal(key, config)
                 if name not in targets:
@@ -256,6 +283,7 @@ def load_state_into(
                 view.copy_(tensor.to(view.dtype))
                 filled[name].add((expert, part))
     bar.close()
+    check_mtp_copies(copies, targets, path)
 
     missing = []
     for name in sorted(expected - set(skip)):
@@ -279,6 +307,26 @@ def load_state_into(
         problems.append(_summarise("unexpected tensors", sorted(unexpected)))
     if problems:
         raise CheckpointError(f"{path} does not match the model config:\n  " + "\n  ".join(problems))
+
+
+def check_mtp_copies(copies: list[tuple[str, Path, str]], targets: dict[str, torch.Tensor], path: Path) -> None:
+    """The checkpoint's MTP copies of the embedding and head should equal the main ones; warn once where not."""
+    differ = []
+    with torch.no_grad():
+        for key, file, main in copies:
+            target = targets[main]
+            if target.device.type == "meta" or target.numel() == 0:
+                continue
+            tensor = _read_tensor(file, key)
+            if tuple(tensor.shape) != tuple(target.shape) or not torch.equal(tensor.to(target.dtype), target):
+                differ.append(f"{key} (!= {main})")
+    if differ:
+        logger.warning(
+            "%s: %s; the MTP module uses the main model's embedding and output head, as DeepSeek-V3 shares them "
+            "(and vLLM and SGLang do), so the checkpoint's own copies are ignored",
+            path,
+            ", ".join(differ),
+        )
 
 
 def checkpoint_key_of(name: str, config: DeepseekV3Config, slots: list[tuple[int | None, str | None]]) -> str:
@@ -305,13 +353,11 @@ def has_mtp_tensors(files: dict[str, Path], config: DeepseekV3Config) -> bool:
 
 
 def init_fresh_mtp(model: torch.nn.Module) -> None:
-    """A new MTP module for a checkpoint that has none: embedding, head and output norm copied from the main model
-    (the official MTP module shares them), the fusion and the decoder block initialised as a new model's are."""
+    """A new MTP module for a checkpoint that has none: the fusion and the decoder block initialised as a new
+    model's are, the output norm copied from the main model's final norm (the embedding and head are shared)."""
     with torch.no_grad():
         for layer in model.model.mtp:
             layer.apply(model._init_weights)
-            layer.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
-            layer.shared_head.head.weight.copy_(model.lm_head.weight)
             layer.shared_head.norm.weight.copy_(model.model.norm.weight)
 
 
@@ -372,8 +418,8 @@ def check_mtp_presence(config: DeepseekV3Config, files: dict[str, Path], path: P
     if config.mtp_loss_enabled:
         logger.warning(
             "%s: config.json has num_nextn_predict_layers=%d but the checkpoint has no MTP tensors (%s; transformers "
-            "drops them on save): the MTP module is initialised fresh for the MTP loss (embedding, head and norm "
-            "copied from the main model, the rest random)",
+            "drops them on save): the MTP module is initialised fresh for the MTP loss (it shares the main "
+            "embedding and head; its output norm starts as the final norm, the rest random)",
             path,
             config.num_mtp_modules,
             first,

@@ -51,32 +51,32 @@ class DecoderLayer(GradientCheckpointingLayer):
 
 
 class SharedHead(nn.Module):
-    """The MTP module's output norm and head (checkpoint: shared_head.norm, shared_head.head)."""
+    """The MTP module's output norm (checkpoint: shared_head.norm); its head is the main model's lm_head."""
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 class MTPLayer(DecoderLayer):
     """One multi-token-prediction module: predicts token i+k+1 from h_i^(k-1) and the embedding of token i+k.
 
-    h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) -> one MoE decoder block. Embedding first, as in every
-    implementation (the paper writes the reverse). The module owns its embedding and head copies because the
-    checkpoint stores them under model.layers.{num_hidden_layers}.
+    h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) -> one MoE decoder block -> shared_head.norm -> the output head.
+    Embedding first, as in every implementation (the paper writes the reverse). The embedding and the output head are
+    the main model's (paper section 2.2: shared), so the module holds neither: a separately trained copy would draft
+    badly in engines that share them (vLLM and SGLang do). The checkpoint stores copies of both under
+    model.layers.{num_hidden_layers}, as the official files do; model.checkpoint writes and checks them.
     """
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, prev_hidden, next_ids, cos, sin, mask=None, token_mask=None):
-        x = self.eh_proj(torch.cat((self.enorm(self.embed_tokens(next_ids)), self.hnorm(prev_hidden)), dim=-1))
+    def forward(self, prev_hidden, next_embeds, cos, sin, mask=None, token_mask=None):
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(prev_hidden)), dim=-1))
         return super().forward(x, cos, sin, mask, token_mask)
 
 
@@ -372,9 +372,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         for k, layer in enumerate(self.model.mtp, start=1):
             next_ids = torch.zeros_like(input_ids)
             next_ids[:, :-k] = input_ids[:, k:]
-            prev = layer(prev, next_ids, state["cos"], state["sin"], state["mask"], state["token_mask"])
+            next_embeds = self.model.embed_tokens(next_ids)
+            prev = layer(prev, next_embeds, state["cos"], state["sin"], state["mask"], state["token_mask"])
             targets = shifted_targets(labels, segments, k + 1)
-            losses.append(head_loss(layer.shared_head.norm(prev), layer.shared_head.head, targets, num_items_in_batch))
+            losses.append(head_loss(layer.shared_head.norm(prev), self.lm_head, targets, num_items_in_batch))
         return torch.stack(losses).mean()
 
     @classmethod

@@ -28,10 +28,13 @@ from model.checkpoint import (
     _parse_size,
     _weight_block,
     build_meta_model,
+    check_mtp_presence,
     dequantize_fp8_block,
     hf_key_to_internal,
+    init_fresh_mtp,
     internal_to_hf,
     list_checkpoint_files,
+    mtp_shared_copy,
     reset_nonpersistent_buffers,
     resolve_dtype,
     save_checkpoint_config,
@@ -77,19 +80,28 @@ def load_expert_parallel(
     config = config or load_config(path)
     files = list_checkpoint_files(path)
     target_dtype = resolve_dtype(dtype, config)
+    fresh_mtp = check_mtp_presence(config, files, path)
     model = build_meta_model(cls, config, path, files, target_dtype, fp8)
     apply_expert_parallel(model, groups)
     model.to_empty(device="cpu")
     reset_nonpersistent_buffers(model)
-    stats = load_local_state(model, path, files)
+    stats = load_local_state(model, path, files, skip_mtp=fresh_mtp)
+    if fresh_mtp:
+        init_fresh_mtp(model)  # every rank draws the same values: the caller seeds all ranks alike
     model.config.dtype = target_dtype
     model.config._name_or_path = str(path)
     model.eval()
     return model, stats
 
 
-def load_local_state(model: nn.Module, path: Path, files: dict[str, Path] | None = None) -> ReadStats:
-    """Stream the checkpoint tensors this rank holds into the allocated, expert-sliced `model`."""
+def load_local_state(
+    model: nn.Module, path: Path, files: dict[str, Path] | None = None, skip_mtp: bool = False
+) -> ReadStats:
+    """Stream the checkpoint tensors this rank holds into the allocated, expert-sliced `model`.
+
+    The MTP layers' copies of the embedding and head are not read (the model shares the main ones); skip_mtp: the
+    checkpoint has no MTP tensors and the module is initialised fresh.
+    """
     config = model.config
     files = files or list_checkpoint_files(path)
     block = _weight_block(config)
@@ -100,7 +112,7 @@ def load_local_state(model: nn.Module, path: Path, files: dict[str, Path] | None
         for name, m in model.named_modules()
         if isinstance(m, ExpertParallelMixin)
     }
-    expected = set(model.state_dict().keys())
+    expected = {n for n in model.state_dict() if not (skip_mtp and n.startswith("model.mtp."))}
     filled: dict[str, set] = {name: set() for name in expected}
     stats, problems = ReadStats(), []
     by_file: dict[Path, list[str]] = {}
@@ -109,6 +121,9 @@ def load_local_state(model: nn.Module, path: Path, files: dict[str, Path] | None
     for file, keys in by_file.items():
         with safe_open(str(file), framework="pt") as handle, torch.no_grad():
             for key in keys:
+                if mtp_shared_copy(key, config) is not None:
+                    stats.skipped_tensors += 1
+                    continue
                 name, expert, part = hf_key_to_internal(key, config)
                 if name not in targets:
                     if key.endswith("_scale_inv") and key.removesuffix("_scale_inv") in files:

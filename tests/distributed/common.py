@@ -16,6 +16,18 @@ def tiny_config(**overrides) -> DeepseekV3Config:
     return DeepseekV3Config.from_preset("tiny", mtp_loss_enabled=True, **overrides)
 
 
+def training_config(path: Path, **overrides) -> DeepseekV3Config:
+    """The checkpoint's config with the MTP loss on, as a stage sets it from its recipe (config.json holds only the
+    official keys: training settings are not saved into checkpoints)."""
+    from model import load_config
+
+    config = load_config(path)
+    config.mtp_loss_enabled = True
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
 def build_tiny(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
     torch.manual_seed(seed)
     return DeepseekV3ForCausalLM(tiny_config(**overrides)).float()

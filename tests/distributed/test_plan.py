@@ -27,7 +27,7 @@ from finetune.plan import (
 )
 from model import DeepseekV3ForCausalLM
 
-from .common import tiny_config, write_fp8_checkpoint, write_tiny_checkpoint
+from .common import tiny_config, training_config, write_fp8_checkpoint, write_tiny_checkpoint
 from .launch import check_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,9 @@ def memory_worker(rank: int, world: int, path: Path, out: Path, lora: bool) -> N
 
     groups = build_expert_parallel_groups(2)
     with HeapPeak() as heap:
-        base, _ = load_expert_parallel(DeepseekV3ForCausalLM, path, groups, dtype=torch.float32)
+        base, _ = load_expert_parallel(
+            DeepseekV3ForCausalLM, path, groups, dtype=torch.float32, config=training_config(path)
+        )
         model = base
         if lora:
             from peft import get_peft_model

@@ -24,7 +24,7 @@ from finetune.parallel import (
 from model import DeepseekV3ForCausalLM
 from model.checkpoint import iter_hf_state, list_checkpoint_files
 
-from .common import batch, write_fp8_checkpoint, write_tiny_checkpoint
+from .common import batch, training_config, write_fp8_checkpoint, write_tiny_checkpoint
 from .launch import check_ranks, run_ranks
 
 # fp32 everywhere. ZeRO-3 runs AdamW on flat fp32 partitions and sums gradients in a different order than one
@@ -72,7 +72,9 @@ def sft_worker(rank: int, world: int, path: Path, out: Path, first: int, last: i
     import deepspeed
 
     groups = build_expert_parallel_groups(2)
-    model, _ = load_expert_parallel(DeepseekV3ForCausalLM, path, groups, dtype=torch.float32)
+    model, _ = load_expert_parallel(
+        DeepseekV3ForCausalLM, path, groups, dtype=torch.float32, config=training_config(path)
+    )
     model.train()
     prepare_zero3_expert_parallel(model, groups)
     tracker = ExpertLoadTracker(model, gamma=GAMMA)
@@ -158,7 +160,9 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 
 def lora_reference(path: Path, world: int, steps: int) -> dict:
-    base = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+    base = DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.float32, progress=False, config=training_config(path)
+    )
     model = lora_model(base)
     model.train()
     tracker = ExpertLoadTracker(base, gamma=GAMMA)
@@ -183,7 +187,9 @@ def lora_worker(rank: int, world: int, path: Path, out: Path, steps: int) -> Non
     from model.fp8 import FP8_DTYPE
 
     groups = build_expert_parallel_groups(2)
-    base, _ = load_expert_parallel(DeepseekV3ForCausalLM, path, groups, dtype=torch.float32)
+    base, _ = load_expert_parallel(
+        DeepseekV3ForCausalLM, path, groups, dtype=torch.float32, config=training_config(path)
+    )
     experts = base.model.layers[1].mlp.experts
     fp8_before = experts.gate_up_proj.clone()
     model = lora_model(base)

@@ -132,11 +132,62 @@ def test_bad_ep_size_is_one_sentence(monkeypatch, env, message):
         expert_parallel_size()
 
 
-@pytest.mark.parametrize("stage", ["kto", "cpo", "orpo"])
+@pytest.mark.parametrize("stage", ["dpo", "kto", "cpo", "orpo"])
 def test_preference_stages_refuse_the_mtp_loss(stage):
     import importlib
 
-    path = {"kto": "kto/lora.yaml", "cpo": "cpo/simpo.yaml", "orpo": "orpo/lora.yaml"}[stage]
+    path = {"dpo": "dpo/lora.yaml", "kto": "kto/lora.yaml", "cpo": "cpo/simpo.yaml", "orpo": "orpo/lora.yaml"}[stage]
     main = importlib.import_module(f"finetune.{stage}").main
     with pytest.raises(RecipeError, match="mtp_loss_weight: the preference stages do not train the MTP module"):
         main(["--config", str(ROOT / "recipes/tiny" / path), "mtp_loss_weight=0.3"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": "fast"}, "learning_rate='fast' must be a number"),
+        ({"per_device_train_batch_size": "eight"}, "per_device_train_batch_size='eight' must be an integer"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size=0 must be an integer >= 1"),
+        ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size=2.5 must be an integer"),
+        ({"lora_r": 0}, "lora_r=0 must be an integer >= 1"),
+        ({"lora_alpha": "sixteen"}, "lora_alpha='sixteen' must be a number"),
+        ({"lora_dropout": 1.5}, r"lora_dropout=1.5 must be in \[0, 1\)"),
+        ({"max_steps": -5}, r"max_steps=-5 must be an integer >= 1 \(or -1"),
+        ({"learning_rate": float("nan")}, "learning_rate=nan must be a finite number"),
+        ({"use_lora": 3}, "use_lora=3 must be true or false"),
+        ({"seed": True}, "seed=True must be an integer, not true/false"),
+        ({"max_length": 16}, "'max_length' is trl's key, which the toolkit does not read .*use data.max_length"),
+        ({"packing": False}, "'packing' is trl's key.*use data.pack"),
+        ({"lora_rank": 8}, "unknown key 'lora_rank' for SFTStageConfig; did you mean 'lora_r'"),
+        ({"data": {"max_len": 64}}, "unknown key 'data.max_len'; did you mean 'data.max_length'"),
+        ({"data": {"sourcs": []}}, "unknown key 'data.sourcs'; did you mean 'data.sources'"),
+        ({"output_dir": True}, "output_dir=True: YAML read a boolean; quote the text you meant"),
+    ],
+)
+def test_values_are_typed_and_range_checked_before_anything_loads(values, message):
+    with pytest.raises(RecipeError, match=message):
+        build_stage_config(SFTStageConfig, values)
+
+
+def test_yaml_booleans_and_numbers_the_user_meant_are_taken():
+    config = build_stage_config(SFTStageConfig, {"save_strategy": False, "learning_rate": "3e-4", "max_steps": 10.0})
+    assert config.save_strategy == "no" and config.learning_rate == 3e-4 and config.max_steps == 10
+    dpo = build_stage_config(DPOStageConfig, {"loss_type": "ipo"})
+    assert dpo.loss_type == ["ipo"]
+
+
+def test_kto_needs_two_examples_a_batch():
+    with pytest.raises(RecipeError, match="per_device_train_batch_size must be >= 2 for KTO"):
+        build_stage_config(KTOStageConfig, {"per_device_train_batch_size": 1})
+
+
+def test_yaml_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1e-4\nlora_r: [8\nseed: 1\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: invalid YAML at line \d+, column \d+"):
+        load_stage_config(SFTStageConfig, bad)
+
+
+def test_command_line_no_is_a_save_strategy(tmp_path):
+    config = load_stage_config(SFTStageConfig, None, ["save_strategy=no", "data.max_length=64"])
+    assert config.save_strategy == "no" and config.data == {"max_length": 64}

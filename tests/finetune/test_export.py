@@ -266,9 +266,9 @@ def test_fp8_merge_requantizes_in_the_official_format(setup) -> None:
     (reference / "config.json").write_text((deq / "config.json").read_text())
     in_test = logits_of(HFModel.from_pretrained(reference, dtype=torch.float32).eval(), setup["ids"])
     assert relative_rms(fp8_logits, in_test) < 1e-3
-    # And the FP8 bound: the merged model is about as far from its exact merge as FP8 puts the base from its exact
-    # weights (a tiny random MoE is chaotic: routing flips turn 2^-4 weight errors into 10-20% logit errors).
-    assert relative <= 2 * setup["fp8_cost"]
+    # No bound on `relative` itself: how far FP8 rounding puts a tiny random MoE from its exact weights is chaotic
+    # (routing flips turn 2^-4 weight errors into 10-30% logit errors: 0.10 for the base, 0.15-0.32 for merges with
+    # LoRA A drawn from two RNG states). The check above is the export's own: FP8 rounding and nothing else.
     report = json.loads((out / "export_report.json").read_text())
     assert set(report["fp8_delta"]) == set(result.fp8)
 
@@ -338,8 +338,9 @@ def test_adapter_export_loads_onto_transformers_with_peft(setup, caplog) -> None
 
 
 def test_trainable_token_rows_merge_as_peft_does(setup, tmp_path: Path) -> None:
-    """LoRA with trainable tokens (the decoder's embedding and the MTP layer's copy): the merged export replaces
-    those rows as peft's merge_and_unload does, in BF16 and FP8 output; an engine adapter refuses them clearly."""
+    """LoRA with trainable tokens (the decoder's embedding, which the MTP layer shares; the checkpoint's MTP copy of
+    it gets the same rows): the merged export replaces those rows as peft's merge_and_unload does, in BF16 and FP8
+    output; an engine adapter refuses them clearly."""
     model = copy.deepcopy(setup["ours"])
     ids = [3, 40, 77]
     config = build_lora_config(model, "attention", r=4, include_mtp=True, trainable_tokens=ids)
@@ -386,8 +387,8 @@ def test_trainable_token_rows_merge_as_peft_does(setup, tmp_path: Path) -> None:
             {**config, "trainable_token_indices": {k: v[:2] for k, v in config["trainable_token_indices"].items()}},
             tensors,
         ),
-        "no trainable_token_indices entry names model.mtp.0.embed_tokens": (
-            {**config, "trainable_token_indices": {"model.embed_tokens": ids}},
+        "no trainable_token_indices entry names model.embed_tokens": (
+            {**config, "trainable_token_indices": {"lm_head": ids}},
             tensors,
         ),
         "trains token id 100000": (

@@ -73,12 +73,12 @@ def test_peft_conversion_would_move_targets_without_the_guard():
 
 @pytest.mark.parametrize("include_mtp", [False, True])
 def test_trainable_tokens_train_only_their_embedding_rows(include_mtp):
-    """peft's trainable tokens on the decoder's embedding (and the MTP module's own copy when the MTP loss is on):
-    one optimizer step moves exactly the chosen rows of each."""
+    """peft's trainable tokens on the decoder's embedding, which the MTP module shares (with the MTP loss on, its
+    loss reaches the rows too): one optimizer step moves exactly the chosen rows."""
     model = tiny(mtp_loss_enabled=include_mtp)
     config = build_lora_config(model, "attention", r=4, include_mtp=include_mtp, trainable_tokens=[42, 5, 17, 5])
     peft_model = get_peft_model(model, config)
-    embeddings = ["model.embed_tokens"] + (["model.mtp.0.embed_tokens"] if include_mtp else [])
+    embeddings = ["model.embed_tokens"]
     trained = {n for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad}
     assert trained == {f"base_model.model.{e}.token_adapter.trainable_tokens_delta.default" for e in embeddings}
     layers = {e: peft_model.get_submodule(f"base_model.model.{e}.token_adapter") for e in embeddings}

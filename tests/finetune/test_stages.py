@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from finetune import cpt, dpo, sft
+from finetune.config import RecipeError
 from finetune.export import export_merged
 from finetune.trainers import TrainingDiverged
 from model import DeepseekV3ForCausalLM
@@ -133,6 +134,23 @@ def test_nan_loss_stops_and_keeps_checkpoint(base_values, demo_data, monkeypatch
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_divergence_sets_aside_the_checkpoint_it_came_from(base_values, demo_data):
+    """lr 1e30: step 1's update is finite but ruins the weights, checkpoint-1 is saved, step 2 diverges. That
+    checkpoint is not called intact: it is set aside, nothing is named good, and `last` finds nothing to resume."""
+    values = {**base_values, "save_strategy": "steps", "save_steps": 1, "max_steps": 4, "learning_rate": 1e30}
+    values["data"] = {"task": "cpt", "sources": [str(demo_data["corpus"])], "max_length": 32}
+    with pytest.raises(TrainingDiverged) as err:
+        cpt.main(args(values))
+    message = str(err.value)
+    assert "at step 2; stopped before the optimizer step" in message
+    assert "checkpoint-1 was saved just before that step, so it is set aside as checkpoint-1.unverified" in message
+    assert "No earlier checkpoint is known good" in message
+    run = Path(values["output_dir"])
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1.unverified"]
+    with pytest.raises(RecipeError, match="no checkpoint"):
+        cpt.main(args({**values, "learning_rate": 1e-3, "resume_from_checkpoint": "last"}))
+
+
 def test_kill_and_resume_reaches_the_same_losses(base_values, demo_data, tmp_path):
     common = {
         **base_values,
@@ -162,3 +180,76 @@ def test_kill_and_resume_reaches_the_same_losses(base_values, demo_data, tmp_pat
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in range(4, 9):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+
+
+def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten(base_values, demo_data):
+    values = {**base_values, "save_strategy": "steps", "save_steps": 2, "max_steps": 2}
+    values["data"] = {"task": "cpt", "sources": [str(demo_data["corpus"])], "max_length": 32}
+    cpt.main(args(values))
+    run = Path(values["output_dir"])
+    with pytest.raises(RecipeError, match="already holds a run .*resume_from_checkpoint=last or start over with"):
+        cpt.main(args(values))
+    (run / "stray.txt").write_text("the user's own file")
+    cpt.main(args({**values, "overwrite_output_dir": True, "max_steps": 1, "save_steps": 1}))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]  # the old run's are gone
+    assert max(json.loads(line)["step"] for line in (run / "losses.jsonl").read_text().splitlines()) == 1
+    assert (run / "stray.txt").is_file()  # only the run's own files are removed
+
+
+def test_resume_last_skips_checkpoints_that_do_not_verify_and_trims_the_log(base_values, demo_data, capsys):
+    values = {**base_values, "save_strategy": "steps", "save_steps": 2, "max_steps": 6, "save_total_limit": None}
+    values["data"] = {"task": "cpt", "sources": [str(demo_data["corpus"])], "max_length": 32}
+    cpt.main(args(values))
+    run = Path(values["output_dir"])
+    # The newest is truncated, the one before has a malformed state: `last` must take checkpoint-2.
+    optimizer = run / "checkpoint-6" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    (run / "checkpoint-4" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="cannot resume from it: trainer_state.json is not valid JSON"):
+        cpt.main(args({**values, "resume_from_checkpoint": str(run / "checkpoint-4")}))
+    capsys.readouterr()
+    cpt.main(args({**values, "max_steps": 6, "resume_from_checkpoint": "last"}))
+    err = capsys.readouterr().err
+    assert "skipping" in err and "checkpoint-6: optimizer.pt is truncated" in err
+    assert "checkpoint-4: trainer_state.json is not valid JSON" in err
+    assert f"resuming from {run / 'checkpoint-2'}" in err
+    records = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == list(range(1, 7))  # steps 3-6 once, not twice
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_sentence(base_values, demo_data, monkeypatch):
+    import errno
+
+    import transformers.trainer as hf_trainer
+
+    from finetune.trainers import CheckpointWriteError
+
+    values = {**base_values, "save_strategy": "steps", "save_steps": 2, "max_steps": 4}
+    values["data"] = {"task": "cpt", "sources": [str(demo_data["corpus"])], "max_length": 32}
+    original, calls = hf_trainer.Trainer._save_optimizer_and_scheduler, {"n": 0}
+
+    def full(self, output_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(hf_trainer.Trainer, "_save_optimizer_and_scheduler", full)
+    with pytest.raises(CheckpointWriteError, match="writing checkpoint-4 into .* failed: the disk is full"):
+        cpt.main(args(values))
+    run = Path(values["output_dir"])
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".staging"))) == ["checkpoint-2"]
+
+
+def test_two_lora_runs_with_one_seed_are_bitwise_equal(base_values, demo_data, tmp_path):
+    values = {**base_values, "use_lora": True, "lora_r": 4, "learning_rate": 0.0, "max_steps": 1}
+    values["data"] = {"sources": [str(demo_data["sft"])], "max_length": 64}
+    adapters = []
+    for name in ("a", "b"):
+        sft.main(args({**values, "output_dir": str(tmp_path / name)}))
+        adapters.append(load_file(tmp_path / name / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    norms = [losses(tmp_path / name, "grad_norm")[1] for name in ("a", "b")]
+    assert norms[0] == norms[1]

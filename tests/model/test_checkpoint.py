@@ -178,7 +178,9 @@ def test_missing_expert_slice_is_reported(tmp_path: Path) -> None:
     save_file(tensors, str(file))
     (path / INDEX_NAME).write_text(json.dumps(index))
     # Named as the checkpoint names it (per-expert keys), not by the model's fused tensor.
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.\{5\}\.\{up\}_proj\.weight \(1 expert slices\)"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.\{5\}\.\{up\}_proj\.weight \(1 expert slices\)"
+    ):
         DeepseekV3ForCausalLM.from_pretrained(path, progress=False)
 
 

@@ -128,10 +128,12 @@ def test_mtp_loss_trains_mtp_weights_and_matches_manual_computation() -> None:
     # Manual MTP: position i sees h_i and Emb(t_{i+1}) and predicts t_{i+2}.
     with torch.no_grad():
         hidden, state = model.model(ids)
-        x = mtp.eh_proj(torch.cat((mtp.enorm(mtp.embed_tokens(ids[:, 1:])), mtp.hnorm(hidden[:, :-1])), -1))
+        # The embedding and the output head are the main model's (shared, paper section 2.2).
+        embeds = model.model.embed_tokens(ids[:, 1:])
+        x = mtp.eh_proj(torch.cat((mtp.enorm(embeds), mtp.hnorm(hidden[:, :-1])), -1))
         cos, sin = state["cos"][:, :-1], state["sin"][:, :-1]
         h = DecoderLayer.forward(mtp, x, cos, sin)  # the decoder block alone
-        logits = mtp.shared_head.head(mtp.shared_head.norm(h))[:, :-1]
+        logits = model.lm_head(mtp.shared_head.norm(h))[:, :-1]
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1))
         torch.testing.assert_close(model(ids, labels=ids).mtp_loss, expected, rtol=1e-5, atol=1e-6)
 

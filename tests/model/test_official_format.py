@@ -82,7 +82,9 @@ def test_fp8_save_writes_the_official_quantization_config(tmp_path: Path) -> Non
     assert written["quantization_config"] == OFFICIAL["quantization_config"]
     assert written["torch_dtype"] == "bfloat16"
     # Dequantized on load, nothing is FP8 any more: the save must not claim it.
-    plain = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16, progress=False, fp8="dequantize")
+    plain = DeepseekV3ForCausalLM.from_pretrained(
+        tmp_path / "src", dtype=torch.bfloat16, progress=False, fp8="dequantize"
+    )
     plain.save_pretrained(tmp_path / "plain")
     assert "quantization_config" not in json.loads((tmp_path / "plain/config.json").read_text())
 
@@ -122,8 +124,7 @@ def test_transformers_checkpoint_with_mtp_loss_gets_a_fresh_mtp_module(transform
         model = DeepseekV3ForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, progress=False)
     assert "initialised fresh" in caplog.records[-1].getMessage()
     mtp = model.model.mtp[0]
-    assert torch.equal(mtp.embed_tokens.weight, reference.model.embed_tokens.weight)
-    assert torch.equal(mtp.shared_head.head.weight, reference.lm_head.weight)
+    assert torch.equal(mtp.shared_head.norm.weight, reference.model.norm.weight)
     assert mtp.eh_proj.weight.std() > 0 and torch.isfinite(mtp.eh_proj.weight).all()
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     out = model(ids, labels=ids)
@@ -147,3 +148,29 @@ def test_partial_mtp_layer_is_an_error_naming_checkpoint_keys(tmp_path: Path) ->
     assert f"model.layers.{layer}.eh_proj.weight" in message
     assert f"model.layers.{layer}.mlp.experts.{{1,3}}.{{down}}_proj.weight (2 expert slices)" in message
     assert "model.mtp." not in message
+
+
+def test_mtp_shares_embedding_and_head_and_the_checkpoint_carries_copies(tmp_path: Path, caplog) -> None:
+    """The MTP module uses the main embedding and output head (paper section 2.2; vLLM and SGLang share them too):
+    it holds no copy, the saved checkpoint carries copies under model.layers.{L} as the official files do, and a
+    checkpoint whose copies differ loads with one warning naming them."""
+    from safetensors.torch import load_file, save_file
+
+    ours, _ = build_pair("qlora-groups-dense1-yarn")
+    names = {n for n, _ in ours.named_parameters()}
+    assert not any(n.startswith("model.mtp.") and ("embed_tokens" in n or "head.weight" in n) for n in names)
+    ours.save_pretrained(tmp_path)
+    layer = ours.config.num_hidden_layers
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(saved[f"model.layers.{layer}.embed_tokens.weight"], saved["model.embed_tokens.weight"])
+    assert torch.equal(saved[f"model.layers.{layer}.shared_head.head.weight"], saved["lm_head.weight"])
+    with caplog.at_level(logging.WARNING, logger="model.checkpoint"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert not caplog.records
+    saved[f"model.layers.{layer}.embed_tokens.weight"] = saved["model.embed_tokens.weight"] + 1.0
+    save_file(saved, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="model.checkpoint"):
+        loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, progress=False)
+    assert len(caplog.records) == 1
+    assert f"model.layers.{layer}.embed_tokens.weight (!= model.embed_tokens.weight)" in caplog.records[0].getMessage()
+    assert torch.equal(loaded.model.embed_tokens.weight, ours.model.embed_tokens.weight)

@@ -48,6 +48,13 @@ PROMPTS = [
     "<｜begin▁of▁sentence｜><｜User｜>Hello world<｜Assistant｜>Let me think",
     "<｜begin▁of▁sentence｜>def main():\n    return 数学",
 ]
+# In the corpus' own form, where the MTP layer has learned something to draft.
+MTP_PROMPTS = [
+    "<｜begin▁of▁sentence｜>22 + 76 = 98. 80 + 63 = 143. 17 +",
+    "<｜begin▁of▁sentence｜>2 + 70 = 72. 95 +",
+    "<｜begin▁of▁sentence｜>62 + 31 = 93. 72 + 78 =",
+    "<｜begin▁of▁sentence｜>15 + 83 = 98. 21 + 5",
+]
 
 
 def _require(python: Path) -> None:
@@ -74,7 +81,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                 "model_overrides": MODEL,
                 "output_dir": str(base),
                 "data": {"task": "cpt", "sources": [str(data["corpus"])], "max_length": 64},
-                "max_steps": 30,
+                "max_steps": 120,
                 "learning_rate": 3e-3,
                 "mtp_loss_weight": 0.3,  # a trained MTP layer, for vLLM's MTP speculative decoding below
             }
@@ -97,7 +104,9 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     out = {"base": base, "adapter_run": run}
     for fmt in ("bf16", "fp8", "adapter"):
         out[fmt] = root / f"export-{fmt}"
-        export_cli.main(["--base", str(base), "--adapter", str(run), "--out", str(out[fmt]), "--format", fmt, "--quiet"])
+        export_cli.main(
+            ["--base", str(base), "--adapter", str(run), "--out", str(out[fmt]), "--format", fmt, "--quiet"]
+        )
     return out
 
 
@@ -208,18 +217,46 @@ def test_vllm_bf16_export_equals_ours(trained, tmp_path) -> None:
     assert_same_tokens("vLLM bf16 export", got["tokens"], want)
 
 
+def mtp_draft_counts(model: DeepseekV3ForCausalLM, prompts: list[list[int]], generated: list[list[int]]):
+    """(drafts, accepted) of greedy decoding with one MTP draft token a step, as vLLM schedules it, from our model.
+
+    After the token at index j is emitted, the MTP module drafts index j + 1 from the main model's hidden state at
+    j - 1 and the embedding of token j; the main model then verifies it: accepted, it emits the draft and one more
+    token; rejected, its own token. Drafting stops once MAX_TOKENS are out.
+    """
+    drafts = accepted = 0
+    with torch.no_grad():
+        for ids, gen in zip(prompts, generated):
+            seq = torch.tensor([ids + gen])
+            hidden, state = model.model(seq)
+            following = torch.zeros_like(seq)
+            following[:, :-1] = seq[:, 1:]
+            mtp = model.model.mtp[0]
+            h = mtp(hidden, model.model.embed_tokens(following), state["cos"], state["sin"], state["mask"])
+            draft = model.lm_head(mtp.shared_head.norm(h)).argmax(-1)[0]  # draft[t] predicts seq[t + 2]
+            position, emitted = len(ids) - 1, 1
+            while emitted < MAX_TOKENS:
+                ok = int(draft[position] == seq[0, position + 2])
+                drafts, accepted = drafts + 1, accepted + ok
+                emitted, position = emitted + 1 + ok, position + 1 + ok
+    return drafts, accepted
+
+
 def test_vllm_mtp_speculative_decoding_on_the_exported_mtp_layer(trained, tmp_path) -> None:
     """vLLM drafts with the export's own MTP layer (speculative_config method "mtp") and verifies with the main
-    model: greedy tokens must equal plain greedy decoding, and the drafts must be used."""
+    model: greedy tokens equal plain greedy decoding, and vLLM accepts exactly the drafts our MTP module makes."""
     _require(VLLM_PYTHON)
-    prompts = prompt_ids()
-    want = reference_tokens(ours(trained["bf16"]), prompts)
+    tokenizer = load_tokenizer()
+    prompts = [tokenizer.encode(text, add_special_tokens=False) for text in MTP_PROMPTS]
+    model = ours(trained["bf16"])
+    want = reference_tokens(model, prompts)
+    drafts, accepted = mtp_draft_counts(model, prompts, want)
     request = {"model": str(trained["bf16"]), "prompts": prompts, "max_tokens": MAX_TOKENS, "mtp_speculative": 1}
     got = run_engine(VLLM_PYTHON, "vllm_generate.py", request, tmp_path)
     assert_same_tokens("vLLM with MTP speculative decoding", got["tokens"], want)
-    assert got["draft_tokens"] and got["draft_tokens"] > 0, got
-    print(f"vLLM MTP drafts: {got['accepted_tokens']} of {got['draft_tokens']} accepted")
-    assert got["accepted_tokens"] > 0, f"no MTP draft accepted ({got})"
+    print(f"MTP drafts accepted: vLLM {got['accepted_tokens']} of {got['draft_tokens']}, ours {accepted} of {drafts}")
+    assert (got["draft_tokens"], got["accepted_tokens"]) == (drafts, accepted)
+    assert accepted > 0, "the trained MTP layer should have some drafts accepted for this test to mean anything"
 
 
 def test_vllm_serves_the_base_as_the_cpt_stage_saved_it(trained, tmp_path) -> None:
