@@ -33,6 +33,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from model import CheckpointError, ConfigError
 
     from .config import RecipeError
+    from .parallel import UnsafeCheckpointError
     from .trainers import CheckpointWriteError, TrainingDiverged
 
     return (
@@ -42,6 +43,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         TrainingDiverged,
         CheckpointWriteError,
+        UnsafeCheckpointError,
         FileNotFoundError,
     )
 

@@ -238,6 +238,8 @@ TRL_DATA_KEYS = {
     "dataset_num_proc": "data.num_proc",
     "truncation_mode": "data.on_too_long",
 }
+# Text fields that also take true/false (resume_from_checkpoint: true means the newest checkpoint).
+BOOL_AS_TEXT = {"resume_from_checkpoint"}
 # Range checks: key -> (test, what the value must be).
 RANGES: dict[str, tuple[Any, str]] = {
     "learning_rate": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
@@ -297,6 +299,8 @@ def check_value(key: str, value: Any, hint: Any, source: str) -> Any:
         return value
     enums = [k for k in kinds if isinstance(k, type) and issubclass(k, enum.Enum)]
     if isinstance(value, bool) and str in origins:
+        if key in BOOL_AS_TEXT:
+            return str(value).lower()
         # YAML reads no/yes/off/on as booleans: save_strategy=no means "no".
         if not value and any("no" in {m.value for m in e} for e in enums):
             return "no"

@@ -27,6 +27,12 @@ def load_chat_model(path: str | Path, adapter: str | Path | None = None) -> Deep
         if base is None:
             raise FileNotFoundError(f"{path}: the adapter does not name its base model; pass the base with --adapter")
         adapter, path = path, Path(base)
+    if adapter is not None:
+        # The export's checks first: an adapter made for another base is one sentence, not peft's state_dict error.
+        from .export import check_base, resolve_adapter
+
+        config, _, _, base = check_base(path)
+        resolve_adapter(adapter, config, base, str(path))
     model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, progress=False)
     if adapter is not None:
         from peft import PeftModel

@@ -214,7 +214,10 @@ def _scaling(config: dict, key: str, rank: int, where: str) -> float:
     expected = _pattern_value(config.get("rank_pattern"), key, config.get("r"))
     if expected is not None and int(expected) != rank:
         raise ExportError(f"{where}: {key} has rank {rank} in the weights but {expected} in {ADAPTER_CONFIG}")
-    alpha = float(_pattern_value(config.get("alpha_pattern"), key, config.get("lora_alpha", 8)))
+    raw = _pattern_value(config.get("alpha_pattern"), key, config.get("lora_alpha", 8))
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw <= 0:
+        raise ExportError(f"{where}: lora_alpha for {key} is {raw!r} in {ADAPTER_CONFIG}; it must be a number > 0")
+    alpha = float(raw)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -524,7 +527,41 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_out(out: Path, overwrite: bool, needed_bytes: int) -> None:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Partial folders of exports to `out` that were killed (their process is gone): nobody else removes them."""
+    for folder in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = folder.name.rpartition("-")
+        if kind.endswith((".partial", ".old")) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def side_file_bytes(base_dir: Path, tokenizer_dir: str | Path | None = None) -> int:
+    """Bytes of the small files an export copies besides the shards (tokenizer, generation config, ...)."""
+    files = [f for f in base_dir.iterdir() if f.is_file() and not NOT_COPIED.fullmatch(f.name)]
+    if tokenizer_dir is not None:
+        files += [f for f in Path(tokenizer_dir).iterdir() if f.is_file()]
+    return sum(f.stat().st_size for f in files) + (1 << 20)  # + config, card, report, index
+
+
+def _check_out(out: Path, overwrite: bool, needed_bytes: int, *inputs: Path | None) -> None:
+    for source in (p for p in inputs if p is not None):
+        source = Path(source).absolute()
+        if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+            raise ExportError(
+                f"--out {out} is or contains an input ({source}); the export would replace what it reads: "
+                "choose another --out"
+            )
+    _remove_stale(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: already exists; choose another --out or pass --overwrite")
     parent = out.parent
@@ -709,7 +746,8 @@ def export_merged(
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise ExportError(f"{tokenizer_dir}: tokenizer folder not found")
     shards = plan_shards(base, files, fmt, adapter.deltas if adapter else {}, adapter.rows if adapter else {})
-    _check_out(out, overwrite, sum(e.nbytes for shard in shards for e in shard))
+    needed = sum(e.nbytes for shard in shards for e in shard) + side_file_bytes(base_dir, tokenizer_dir)
+    _check_out(out, overwrite, needed, base_dir, Path(adapter_dir) if adapter_dir else None, tokenizer_dir)
 
     result = ExportResult(out, fmt)
     staging = _staging(out)
@@ -801,7 +839,7 @@ def export_adapter(
             f"{adapter.path}: the adapter trains embedding rows ({', '.join(sorted(adapter.rows))}), which a serving "
             "engine's LoRA adapter cannot carry; export --format bf16 or fp8 to merge them"
         )
-    _check_out(out, overwrite, 2 * adapter.nbytes)
+    _check_out(out, overwrite, 2 * adapter.nbytes + (1 << 20), base_dir, Path(adapter_dir))
     result = ExportResult(out, "adapter")
     mtp = re.compile(r"^model\.layers\.(\d+)\.")
     kept = {

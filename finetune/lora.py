@@ -101,7 +101,13 @@ def lora_module_names(
         patterns.append(rf"mlp\.({'|'.join(MLP)})")
     scope = r"model\.(layers|mtp)\.\d+\." if include_mtp else r"model\.layers\.\d+\."
     wanted = re.compile(rf"(.*\.)?{scope}({'|'.join(patterns)})")
-    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and wanted.fullmatch(name))
+    names = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and wanted.fullmatch(name))
+    if preset == "shared_experts" and not any(".shared_experts." in n for n in names) and not dense_mlp:
+        raise ValueError(
+            "lora_preset=shared_experts: this model has no shared experts (n_shared_experts=0); use lora_preset "
+            "attention or both"
+        )
+    return names
 
 
 def build_lora_config(

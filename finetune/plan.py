@@ -324,15 +324,33 @@ def format_plan(plan: Plan, gpu_bytes: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _positive(kind: type):
+    """An argparse type: a number of `kind` > 0 (argparse prints the one-line error)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="stage recipe YAML")
-    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (all nodes)")
-    parser.add_argument("--gpu-mem", type=float, required=True, help="memory of one GPU in GB (H200: 141)")
-    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: gcd(gpus, E))")
+    parser.add_argument("--gpus", type=_positive(int), required=True, help="number of GPUs (all nodes)")
+    parser.add_argument("--gpu-mem", type=_positive(float), required=True, help="memory of one GPU in GB (H200: 141)")
+    parser.add_argument(
+        "--ep-size", type=_positive(int), default=None, help="expert-parallel size (default: gcd(gpus, E))"
+    )
     parser.add_argument("--model-config", default=None, help="config.json to use instead of the recipe's model")
-    parser.add_argument("--micro-batch", type=int, default=None, help="override per_device_train_batch_size")
-    parser.add_argument("--seq-len", type=int, default=None, help="override data.max_length")
+    parser.add_argument("--micro-batch", type=_positive(int), default=None, help="override per_device_train_batch_size")
+    parser.add_argument("--seq-len", type=_positive(int), default=None, help="override data.max_length")
     args = parser.parse_args(argv)
     from model import load_config
 

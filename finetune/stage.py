@@ -170,6 +170,15 @@ def trainable_token_ids(tokenizer: PreTrainedTokenizerBase | None, tokens: list[
 
 def build_lora_config_from(model: DeepseekV3ForCausalLM, config: Any, tokenizer: PreTrainedTokenizerBase | None = None):
     """The LoraConfig a stage config asks for (the MTP modules get adapters only when the MTP loss is on)."""
+    try:
+        return _build_lora_config(model, config, tokenizer)
+    except RecipeError:
+        raise
+    except ValueError as err:  # a preset that matches nothing in this model
+        raise RecipeError(str(err)) from None
+
+
+def _build_lora_config(model: DeepseekV3ForCausalLM, config: Any, tokenizer: PreTrainedTokenizerBase | None):
     return build_lora_config(
         model,
         preset=config.lora_preset,

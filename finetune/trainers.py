@@ -37,7 +37,13 @@ from model.checkpoint import load_state_into
 from model.modeling import DeepseekV3PreTrainedModel
 
 from .moe import ExpertLoadTracker
-from .parallel import ExpertParallelGroups, prepare_zero3_expert_parallel, prepare_zero3_reference
+from .parallel import (
+    ExpertParallelGroups,
+    check_deepspeed_checkpoint,
+    prepare_zero3_expert_parallel,
+    prepare_zero3_reference,
+    weights_only_checkpoint_engine,
+)
 
 CHUNK_SIZE = 4096
 
@@ -189,16 +195,31 @@ class MoETrainerMixin:
         self.check_finite(loss)
         return (loss, result[1]) if return_outputs else loss
 
+    def count_tokens(self) -> int:
+        """Training tokens so far, all ranks, across resumes: kept in state.num_input_tokens_seen, which
+        trainer_state.json saves and a resume restores (transformers' own counter is off: counting non-padding
+        tokens in packed rows it would take real EOS tokens for padding). Collective: every rank calls it."""
+        local = getattr(self, "_local_tokens", 0)
+        if self.accelerator.num_processes > 1:
+            local = int(self.accelerator.reduce(torch.tensor(local, device=self.args.device), reduction="sum"))
+        self._local_tokens = 0
+        self.state.num_input_tokens_seen += local
+        return self.state.num_input_tokens_seen
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and "loss" in logs:
             for name, values in self._extra_losses.items():
                 logs[name] = sum(values) / len(values)
             self._extra_losses = {}
             logs.update(self.expert_load.metrics())
+            if hasattr(self, "_local_tokens"):
+                logs["num_tokens"] = self.count_tokens()
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint into output_dir/.staging, then rename it into place: a kill never leaves a half one."""
+        if hasattr(self, "_local_tokens"):
+            self.count_tokens()  # the exact count into trainer_state.json
         run_dir = self._get_output_dir(trial=trial)
         name = f"checkpoint-{self.state.global_step}"
         staging_root = os.path.join(run_dir, ".staging")
@@ -254,6 +275,29 @@ class MoETrainerMixin:
         if tokenizer is not None and self.args.should_save:
             save_tokenizer(tokenizer, output_dir if output_dir is not None else self.args.output_dir)
 
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """transformers' preparation, with a DeepSpeed resume loading its states weights-only.
+
+        transformers 5.24 resumes DeepSpeed inside this private hook, through DeepSpeed 0.19.8's TorchCheckpointEngine
+        (torch.load weights_only=False: a pickle planted in the checkpoint runs on resume). The engine exists only
+        once this hook has prepared the model, so the resume is done here, after it, with the checkpoint engine
+        wrapped (finetune.parallel.weights_only_checkpoint_engine); the steps are transformers' own (trainer.py,
+        _prepare_for_training: deepspeed_load_checkpoint, then optimizer/scheduler and scaler).
+        tests/distributed/test_launch.py pins it: a launched resume equals an uninterrupted run, a payload is refused.
+        """
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        check_deepspeed_checkpoint(resume_from_checkpoint)  # every rank, before any collective
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        engine = self.model_wrapped
+        engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
+        deepspeed_load_checkpoint(engine, resume_from_checkpoint, load_module_strict=not is_peft_model(self.model))
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Full models are saved in the HF layout (per-expert keys): load them with our loader."""
         model = self.model if model is None else model
@@ -271,6 +315,7 @@ class DeepseekSFTTrainer(MoETrainerMixin, SFTTrainer):
         args_.dataset_kwargs = {**(args_.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args_.router_aux_loss_coef = 0.0
         super().__init__(*args, **kwargs)
+        self._local_tokens = 0  # tokens since the last count_tokens, this rank
         base = unwrap_base(self.model)
         base.__dict__.pop("forward", None)  # drop trl's fused head: our forward computes logits only where needed
         self.setup_moe(router_bias_gamma, router_bias_update)
@@ -287,8 +332,7 @@ class DeepseekSFTTrainer(MoETrainerMixin, SFTTrainer):
         self.record_extra("balance_loss", outputs.balance_loss)
         if self.model.training:
             tokens = inputs["input_ids"].numel() if "attention_mask" not in inputs else inputs["attention_mask"].sum()
-            self._total_train_tokens += int(tokens)
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            self._local_tokens += int(tokens)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
             # The LM and MTP terms are sums over this rank's tokens divided by the global token count: scaled by
             # the process count, the gradient average across ranks gives the global mean. The balance loss is

@@ -223,7 +223,8 @@ def head_loss(
     denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
     if not isinstance(denominator, torch.Tensor):
         denominator = torch.tensor(denominator)
-    denominator = denominator.to(device=hidden.device, dtype=torch.float32)
+    # A batch with no target at all (an all-masked eval batch) gives a loss of 0 over 0 targets, not NaN.
+    denominator = denominator.to(device=hidden.device, dtype=torch.float32).clamp(min=1)
     if logits is None and _fusable(head, hidden):
         max_rows = max(1, LOGITS_CHUNK_BYTES // (4 * head.weight.shape[0]))
         return _LinearCrossEntropy.apply(hidden[keep], head.weight, targets[keep], max_rows, 1.0 / denominator)

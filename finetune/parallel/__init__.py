@@ -16,10 +16,13 @@ from .groups import (
     register_with_deepspeed,
 )
 from .zero3 import (
+    UnsafeCheckpointError,
+    check_deepspeed_checkpoint,
     init_distributed_cpu_aware,
     mark_expert_parameters,
     prepare_zero3_expert_parallel,
     prepare_zero3_reference,
+    weights_only_checkpoint_engine,
     zero3_config,
 )
 
@@ -28,16 +31,19 @@ __all__ = [
     "ExpertParallelGroups",
     "ParallelConfigError",
     "ReadStats",
+    "UnsafeCheckpointError",
     "all_to_all_rows",
     "apply_expert_parallel",
     "apply_global_expert_counts",
     "apply_local_fp8",
     "build_expert_parallel_groups",
+    "check_deepspeed_checkpoint",
     "check_ep_size",
     "init_distributed_cpu_aware",
     "mark_expert_parameters",
     "prepare_zero3_expert_parallel",
     "prepare_zero3_reference",
+    "weights_only_checkpoint_engine",
     "zero3_config",
     "load_expert_parallel",
     "load_local_state",

@@ -112,3 +112,63 @@ def zero3_config(
     if offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return config
+
+
+def _deepspeed_state_classes() -> list[type]:
+    """The non-tensor classes DeepSpeed 0.19.8 writes into its ZeRO checkpoints (found in real ones: the ZeRO stage
+    enum and the loss scaler, in every rank's optim_states.pt)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds objects that unpickling would construct or call: refused before any of it runs."""
+
+
+def check_deepspeed_checkpoint(folder: str) -> None:
+    """Refuse a checkpoint whose DeepSpeed state files (any rank's) hold objects beyond tensors and DeepSpeed's own
+    state classes. Reads the pickles' opcodes only, nothing runs; every rank checks every file, so all ranks stop
+    with the same sentence before any collective (a rank that only met its own file would hang in the next one)."""
+    from pathlib import Path
+
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_state_classes()}
+    for file in sorted(Path(folder).glob("global_step*/*.pt")):
+        try:
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(file)) if g not in allowed]
+        except Exception as err:  # not a torch zip at all
+            raise UnsafeCheckpointError(f"{file}: not a readable DeepSpeed state file ({err})") from None
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{file}: refused to load: it holds objects other than tensors and DeepSpeed's own states "
+                f"({', '.join(unsafe)}), which unpickling would run; resume only from checkpoints this toolkit wrote"
+            )
+
+
+def weights_only_checkpoint_engine(engine: Any) -> Any:
+    """Wrap a DeepSpeed engine's checkpoint engine so that `load` unpickles tensors, containers and DeepSpeed's own
+    state classes only (torch.load weights_only=True): DeepSpeed 0.19.8's TorchCheckpointEngine loads with
+    weights_only=False, so a file planted in a checkpoint folder would run code on resume."""
+    import pickle
+
+    inner = engine
+
+    class WeightsOnly:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_deepspeed_state_classes()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_state_classes()}
+                names = ", ".join(g for g in unsafe if g not in allowed) or str(err).splitlines()[0]
+                raise UnsafeCheckpointError(
+                    f"{path}: refused to load: it holds objects other than tensors and DeepSpeed's own states "
+                    f"({names}), which unpickling would run; resume only from checkpoints this toolkit wrote"
+                ) from None
+
+    return WeightsOnly()

@@ -8,6 +8,7 @@ relaunched with resume_from_checkpoint=true ends as the uninterrupted launch doe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,10 @@ def write_recipe(folder: Path, inputs: dict[str, Path], task: str, **extra) -> P
         # (right for the token-summed LM/MTP terms, not for the per-rank mean balance loss, which comes out
         # world_size times too strong: 2.3e-5 relative at step 1 here).
         "router_bias_gamma": 0.01,
+        # AdamW's update g / (sqrt(v) + eps) turns summation-order noise in a gradient near eps (1e-8) into a
+        # visible weight difference (one eh_proj element 5.6e-5 apart after 4 steps with eps 1e-8): a larger eps
+        # keeps the comparison about the parallel layout, not about that amplification.
+        "adam_epsilon": 1e-6,
         "report_to": "none",
         "save_strategy": "no",
         "seed": 0,
@@ -84,6 +89,15 @@ def merged(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_same_run(launched: Path, single: Path) -> None:
+    tokens = [
+        {
+            r["step"]: r["num_tokens"]
+            for r in map(json.loads, (f / "losses.jsonl").read_text().splitlines())
+            if "loss" in r
+        }
+        for f in (launched, single)
+    ]
+    assert tokens[0] == tokens[1], tokens  # counted over both ranks (and across a resume), as one process counts
     got, want = losses(launched), losses(single)
     assert sorted(got) == list(range(1, STEPS + 1)) and got.keys() == want.keys()
     assert all(torch.isfinite(torch.tensor(v)) for v in got.values()) and got[STEPS] < got[1]
@@ -168,3 +182,39 @@ def test_sft_lora_zero3_expert_parallel_launch_resumes_after_sigkill(inputs, tmp
     assert all(torch.equal(state[key], value) for key, value in expected.items())
     # the adapter trained: lora_B starts at zero
     assert any(value.abs().sum() > 0 for key, value in state.items() if "lora_B" in key)
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what an attacker plants in a checkpoint folder."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_zero3_resume_refuses_a_planted_pickle(sft_launched, tmp_path):
+    """DeepSpeed 0.19.8 unpickles its states with weights_only=False; our resume loads them weights-only: a
+    payload planted in the newest checkpoint is refused in one sentence under a real 2-process launch, and never
+    runs."""
+    import shutil
+
+    recipe, launched = sft_launched
+    run = tmp_path / "run"
+    shutil.copytree(launched, run)
+    marker = tmp_path / "payload-ran"
+    states = sorted((run / "checkpoint-4").glob("global_step4/*model_states.pt"))
+    assert states, sorted(p.name for p in (run / "checkpoint-4").rglob("*"))
+    torch.save({"module": _Payload(marker)}, states[0])
+    proc = launch_module(
+        EP_CONFIG, ["finetune.sft"], recipe, run, 2, overrides=(*SAVING, "resume_from_checkpoint=last", "max_steps=6")
+    )
+    assert proc.returncode != 0
+    assert not marker.exists(), "the planted pickle ran"
+    # Every rank stops with the same sentence (each checks every rank's file before any collective), no rank
+    # prints a traceback; accelerate's launcher then reports the failed child with its own.
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error: ") and "refused to load" in line]
+    assert len(refusals) == 2 and all("posix.system" in line for line in refusals), proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]

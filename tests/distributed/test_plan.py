@@ -229,3 +229,18 @@ def test_plan_rejects_a_bad_ep_size(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--config", str(path), "--gpus", "8", "--gpu-mem", "141", "--ep-size", "3"])
     assert "ep_size=3 does not divide the world size 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--gpus", "0"), ("--gpu-mem", "-5"), ("--gpus", "two")])
+def test_plan_refuses_impossible_hardware_in_one_line(flag, value):
+    import subprocess
+    import sys
+
+    recipe = ROOT / "recipes/deepseek-v3-671b/sft/lora.yaml"
+    args = {"--gpus": "8", "--gpu-mem": "141", flag: value}
+    command = [sys.executable, "-m", "finetune.plan", "--config", str(recipe)]
+    for key, val in args.items():
+        command += [key, val]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"argument {flag}" in proc.stderr.strip().splitlines()[-1]

@@ -172,6 +172,7 @@ def test_values_are_typed_and_range_checked_before_anything_loads(values, messag
 def test_yaml_booleans_and_numbers_the_user_meant_are_taken():
     config = build_stage_config(SFTStageConfig, {"save_strategy": False, "learning_rate": "3e-4", "max_steps": 10.0})
     assert config.save_strategy == "no" and config.learning_rate == 3e-4 and config.max_steps == 10
+    assert build_stage_config(SFTStageConfig, {"resume_from_checkpoint": True}).resume_from_checkpoint == "true"
     dpo = build_stage_config(DPOStageConfig, {"loss_type": "ipo"})
     assert dpo.loss_type == ["ipo"]
 

@@ -508,3 +508,64 @@ def test_cli_prints_one_line_errors_and_exports(setup, tmp_path: Path) -> None:
     assert "# Tiny Chat" in readme and "| exact match | 0.5 |" in readme
     with safe_open(str(next((tmp_path / "x").glob("model-*.safetensors"))), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
+
+
+def test_export_never_replaces_its_inputs_and_cleans_up_after_a_kill(setup, tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(setup["base"], base)
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    for out in (base, base / "inside"):
+        with pytest.raises(ExportError, match="is or contains an input"):
+            export_merged(base, setup["adapter"], out, "bf16", overwrite=True, progress=False)
+    with pytest.raises(ExportError, match="is or contains an input"):
+        export_adapter(setup["adapter"], setup["adapter"], base, overwrite=True)
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+    # A killed export's hidden partial folder (its process is gone) is removed by the next export to that --out.
+    out = tmp_path / "merged"
+    stale = tmp_path / ".merged.partial-999999999"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    export_merged(base, setup["adapter"], out, "bf16", progress=False)
+    assert not stale.exists() and (out / "config.json").is_file()
+
+
+def test_export_free_space_counts_the_side_files(setup, tmp_path: Path, monkeypatch) -> None:
+    import collections
+
+    import finetune.export as export
+
+    shards = sum(f.stat().st_size for f in setup["base"].glob("*.safetensors"))
+    side = export.side_file_bytes(setup["base"])
+    assert side > (setup["base"] / "generation_config.json").stat().st_size
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: usage(0, 0, shards + side // 2))
+    with pytest.raises(ExportError, match="the export needs .* GB but only"):
+        export_merged(setup["base"], setup["adapter"], tmp_path / "out", "bf16", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_alpha_that_is_not_a_number_is_one_sentence(setup, tmp_path: Path) -> None:
+    bad = tmp_path / "bad-alpha"
+    bad.mkdir()
+    config = json.loads((setup["adapter"] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "sixteen", "alpha_pattern": {}}))
+    (bad / "adapter_model.safetensors").write_bytes((setup["adapter"] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ExportError, match="lora_alpha for .* is 'sixteen' in adapter_config.json; it must be a number"):
+        export_merged(setup["base"], bad, tmp_path / "out", "bf16", progress=False)
+
+
+def test_chat_with_an_adapter_for_another_base_is_one_sentence(setup, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    other, _ = build_pair("qlora-groups-dense1-yarn")
+    other_adapter = tmp_path / "other-adapter"
+    add_lora(other).save_pretrained(other_adapter)
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "finetune.chat", "--model", str(setup["base"]), "--adapter", str(other_adapter)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=root, input="", timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "another base" in last

@@ -113,3 +113,10 @@ def test_trainable_tokens_fast_forward_equals_peft():
     assert torch.equal(ours, peft_out) and torch.equal(our_grad, peft_grad)
     assert ours[0, 0].equal(layer.trainable_tokens_delta["default"][0].detach())  # token 3: the first (sorted) row
     assert our_grad.abs().sum(dim=1).gt(0).all()
+
+
+def test_shared_experts_preset_on_a_model_without_them_is_one_sentence():
+    model = tiny(n_shared_experts=0)
+    with pytest.raises(ValueError, match="lora_preset=shared_experts: this model has no shared experts"):
+        build_lora_config(model, "shared_experts", r=4)
+    assert build_lora_config(model, "both", r=4).target_modules  # attention still has targets

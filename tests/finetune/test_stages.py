@@ -178,6 +178,8 @@ def test_kill_and_resume_reaches_the_same_losses(base_values, demo_data, tmp_pat
     cpt.main(args({**common, "output_dir": str(killed), "resume_from_checkpoint": "last"}))
     a, b = losses(straight), losses(killed)
     assert sorted(a) == sorted(b) == list(range(1, 9))
+    # The token count carries across the resume (restored from trainer_state.json, not restarted at 0).
+    assert losses(killed, "num_tokens") == losses(straight, "num_tokens")
     for step in range(4, 9):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
 

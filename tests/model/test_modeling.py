@@ -127,6 +127,17 @@ def test_loss_ignores_masked_labels_like_transformers() -> None:
     assert_close(no_logits.loss, reference(ids, labels=labels).loss)
 
 
+def test_a_batch_without_targets_has_loss_zero_not_nan() -> None:
+    """An all-masked batch (an eval batch of prompts only): transformers' loss is NaN there (0 / 0); ours is 0, and
+    the MTP loss and gradients stay finite too."""
+    ours, _ = build_pair("qlora-groups-dense1-yarn", mtp_loss_enabled=True)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16))
+    out = ours(ids, labels=torch.full_like(ids, IGNORE_INDEX))
+    assert out.loss.item() == 0.0 and out.lm_loss.item() == 0.0 and out.mtp_loss.item() == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("name", ["qlora-groups-dense1-yarn", "qproj-nogroup-dense0-plainrope"])
 def test_greedy_generate_matches_transformers(name: str) -> None:
     ours, reference = build_pair(name)
