@@ -7,6 +7,7 @@ data_tools.pipeline.DataRecipe). `key=value` arguments on the command line overr
 from __future__ import annotations
 
 import contextlib
+import datetime
 import difflib
 import enum
 import math
@@ -254,14 +255,14 @@ RANGES: dict[str, tuple[Any, str]] = {
     "warmup_steps": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = no clipping)"),
-    "logging_steps": (lambda v: v > 0, "a number > 0"),
-    "save_steps": (lambda v: v > 0, "a number > 0"),
+    "logging_steps": (lambda v: v >= 0, "a number >= 0"),
+    "save_steps": (lambda v: v >= 0, "a number >= 0"),
     "eval_steps": (lambda v: v is None or v > 0, "a number > 0"),
     "mtp_loss_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "balance_loss_alpha": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "router_bias_gamma": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "beta": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "save_total_limit": (lambda v: v is None or v >= 1, "an integer >= 1 (or null: keep every checkpoint)"),
+    "save_total_limit": (lambda v: v is None or v >= 0, "an integer >= 0 (0 or null: keep every checkpoint)"),
 }
 
 
@@ -301,12 +302,16 @@ def check_value(key: str, value: Any, hint: Any, source: str) -> Any:
     if isinstance(value, bool) and str in origins:
         if key in BOOL_AS_TEXT:
             return str(value).lower()
+        if value is False and type(None) in kinds:
+            return None  # `key: false` for an optional text field means unset
         # YAML reads no/yes/off/on as booleans: save_strategy=no means "no".
         if not value and any("no" in {m.value for m in e} for e in enums):
             return "no"
         raise RecipeError(f"{source}: {key}={value!r}: YAML read a boolean; quote the text you meant, e.g. {key}='no'")
     if isinstance(value, bool):
         raise RecipeError(f"{source}: {key}={value!r} must be {_describe(origins)}, not true/false")
+    if str in origins and not (int in origins or float in origins) and isinstance(value, (int, float, datetime.date)):
+        return str(value)  # run_name: 2024-06-01 or run_name=123: YAML read a date or a number
     if int in origins and isinstance(value, float) and value.is_integer():
         return int(value)
     if float in origins and isinstance(value, int):
@@ -358,6 +363,11 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
             raise RecipeError(
                 f"{source}: mtp_loss_weight: the preference stages do not train the MTP module; set it to 0"
             )
+    if cls.__name__ in ("DPOStageConfig", "KTOStageConfig", "CPOStageConfig", "ORPOStageConfig"):
+        # trl's preference collators truncate to their own max_length (DPO/KTO default 1024, CPO/ORPO 512): follow
+        # data.max_length, which data_tools already enforces, so nothing is cut a second time behind the user's back.
+        data_max = data.get("max_length", next(f.default for f in fields(DataRecipe) if f.name == "max_length"))
+        merged["max_length"] = data_max
     if cls.__name__ == "KTOStageConfig" and merged.get("per_device_train_batch_size", 8) < 2:
         raise RecipeError(
             f"{source}: per_device_train_batch_size must be >= 2 for KTO (its KL term pairs each example with "

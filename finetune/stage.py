@@ -17,10 +17,11 @@ import torch.distributed as dist
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import PreTrainedTokenizerBase, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from data_tools import DataCollator, DataRecipe, build_datasets, load_tokenizer
-from model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
+from data_tools.tokenizer import TOKENIZER_FILES
+from model import CheckpointError, DeepseekV3Config, DeepseekV3ForCausalLM, load_config
+from model.checkpoint import has_mtp_tensors, list_checkpoint_files
 
 from .config import RecipeError, load_stage_config
 from .lora import build_lora_config
@@ -96,6 +97,18 @@ def build_model(config: Any) -> DeepseekV3ForCausalLM:
         model_config = load_config(name)
         for key, value in values.items():
             setattr(model_config, key, value)
+        if config.use_lora and model_config.mtp_loss_enabled and model_config.num_mtp_modules:
+            try:
+                files = list_checkpoint_files(Path(name))
+            except CheckpointError as err:
+                raise RecipeError(str(err)) from None
+            if not has_mtp_tensors(files, model_config):
+                raise RecipeError(
+                    f"{name} has no MTP layer (num_nextn_predict_layers={model_config.num_mtp_modules} but no "
+                    f"model.layers.{model_config.num_hidden_layers}.* tensors, as transformers saves), and LoRA cannot "
+                    "train a fresh one (its random block would stay frozen and unsaved): set mtp_loss_weight: 0, or "
+                    "train fully"
+                )
     else:
         raise RecipeError(f"model_name_or_path={name!r} is neither preset:<name> nor a checkpoint folder")
     ep_size = expert_parallel_size()
@@ -192,7 +205,19 @@ def _build_lora_config(model: DeepseekV3ForCausalLM, config: Any, tokenizer: Pre
     )
 
 
-RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "trainer_state.json")
+# A run's own files in output_dir (what overwrite_output_dir removes); checkpoint folders and shards by pattern.
+RUN_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
+)
+RUN_PATTERNS = (r"checkpoint-\d+", r"unverified-checkpoint-\d+", r"model-\d+-of-\d+\.safetensors")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
@@ -206,17 +231,28 @@ def check_output_dir(config: Any) -> None:
     Otherwise the old run's checkpoints stay beside the new ones and `resume_from_checkpoint=last` later picks
     the old run's.
     """
-    folder = Path(config.output_dir)
+    folder = Path(config.output_dir).absolute()
+    for name, value in (("model_name_or_path", config.model_name_or_path), ("tokenizer", config.tokenizer)):
+        if value and not str(value).startswith("preset:"):
+            source = Path(value).absolute()
+            if folder == source or source.is_relative_to(folder):
+                raise RecipeError(
+                    f"output_dir={config.output_dir} is or contains {name}={value}: the run would write over what "
+                    "it reads; choose another output_dir"
+                )
     if not folder.is_dir() or resuming(config):
         return
-    loss_file = config.loss_log_file or ""
+    run_files = (*RUN_FILES, config.loss_log_file or "")
     used = sorted(
-        p.name
-        for p in folder.iterdir()
-        if p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or p.name in (*RUN_FILES, loss_file)
+        p.name for p in folder.iterdir() if p.name in run_files or any(re.fullmatch(r, p.name) for r in RUN_PATTERNS)
     )
-    if not used:
-        return
+    if not any(
+        n in ("trainer_state.json", config.loss_log_file)
+        or n.startswith(("checkpoint-", "model", "adapter"))
+        or n.startswith("unverified-")
+        for n in used
+    ):
+        return  # only tokenizer or config files: nothing a run would mix up
     if not config.overwrite_output_dir:
         shown = ", ".join(used[:3]) + (", ..." if len(used) > 3 else "")
         raise RecipeError(
@@ -267,7 +303,7 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def resume_checkpoint(config: Any) -> str | None:
     """resume_from_checkpoint: a folder, or true/last/auto for the newest checkpoint in output_dir that verifies
-    (checkpoint_problem); a checkpoint set aside after a divergence (checkpoint-N.unverified) is never picked."""
+    (checkpoint_problem); a checkpoint set aside after a divergence (unverified-checkpoint-N) is never picked."""
     value = config.resume_from_checkpoint
     if not resuming(config):
         return None

@@ -141,7 +141,13 @@ class MoETrainerMixin:
             self._extra_losses.setdefault(name, []).append(float(value.detach()))
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop on a NaN/inf training loss before it reaches the weights."""
+        """Stop on a NaN/inf training loss before it reaches the weights.
+
+        One process only: with several, a rank whose own loss is NaN would stop alone and leave the others waiting
+        in the gradient reduction; the NaN reaches every rank's (global) gradient norm instead, checked below.
+        """
+        if self.accelerator.num_processes > 1:
+            return
         if self.model.training and not torch.isfinite(loss.detach()).all():
             self.diverged(f"the training loss became {float(loss.detach())}")
 
@@ -149,6 +155,8 @@ class MoETrainerMixin:
         """transformers' gradient norm, checked before the optimizer step: a non-finite one never reaches the
         weights (a finite loss can still give inf gradients)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.args.fp16:
+            return grad_norm  # fp16's loss scaler skips steps with inf gradients by design
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             self.diverged(f"the gradient norm became {float(grad_norm)}")
         return grad_norm
@@ -158,18 +166,26 @@ class MoETrainerMixin:
 
         A checkpoint is known good once a finite step followed it. The one saved right before the diverging step is
         not (its weights may be what diverged: with a huge learning rate step 1's update is finite and step 2's loss
-        is NaN), so it is moved aside as checkpoint-N.unverified and `resume_from_checkpoint=last` skips it.
+        is NaN), so it is moved aside as unverified-checkpoint-N (outside the checkpoint-* pattern, so neither
+        `resume_from_checkpoint=last` nor transformers' checkpoint rotation counts it).
         """
         step = self.state.global_step
         run_dir = Path(self.args.output_dir)
         moved = None
         suspect = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         if self.args.should_save and suspect.is_dir():
-            moved = suspect.with_name(suspect.name + ".unverified")
+            moved = suspect.with_name(f"unverified-{suspect.name}")
             shutil.rmtree(moved, ignore_errors=True)
             os.replace(suspect, moved)
         good = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-        message = f"{what} at step {step + 1}; stopped before the optimizer step."
+        # Under DeepSpeed the engine steps inside backward: the update of this step is already applied (and never
+        # saved); elsewhere the check runs before the optimizer step.
+        when = (
+            "stopped (DeepSpeed had applied its update; it is not saved)"
+            if self.is_deepspeed_enabled
+            else ("stopped before the optimizer step")
+        )
+        message = f"{what} at step {step + 1}; {when}."
         if moved is not None:
             message += f" {suspect.name} was saved just before that step, so it is set aside as {moved.name}."
         if good is not None:
@@ -314,6 +330,7 @@ class DeepseekSFTTrainer(MoETrainerMixin, SFTTrainer):
         args_ = kwargs.get("args")
         args_.dataset_kwargs = {**(args_.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args_.router_aux_loss_coef = 0.0
+        args_.include_num_input_tokens_seen = "no"  # count_tokens keeps state.num_input_tokens_seen itself
         super().__init__(*args, **kwargs)
         self._local_tokens = 0  # tokens since the last count_tokens, this rank
         base = unwrap_base(self.model)

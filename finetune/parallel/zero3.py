@@ -134,7 +134,11 @@ def check_deepspeed_checkpoint(folder: str) -> None:
     from pathlib import Path
 
     allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_state_classes()}
-    for file in sorted(Path(folder).glob("global_step*/*.pt")):
+    files = set(Path(folder).glob("global_step*/*.pt"))
+    latest = Path(folder) / "latest"  # the tag folder DeepSpeed actually loads
+    if latest.is_file():
+        files |= set((Path(folder) / latest.read_text().strip()).glob("*.pt"))
+    for file in sorted(files):
         try:
             unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(file)) if g not in allowed]
         except Exception as err:  # not a torch zip at all

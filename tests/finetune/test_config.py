@@ -173,6 +173,9 @@ def test_yaml_booleans_and_numbers_the_user_meant_are_taken():
     config = build_stage_config(SFTStageConfig, {"save_strategy": False, "learning_rate": "3e-4", "max_steps": 10.0})
     assert config.save_strategy == "no" and config.learning_rate == 3e-4 and config.max_steps == 10
     assert build_stage_config(SFTStageConfig, {"resume_from_checkpoint": True}).resume_from_checkpoint == "true"
+    loose = {"run_name": 123, "save_total_limit": 0, "logging_steps": 0, "logging_strategy": "no"}
+    loose = build_stage_config(SFTStageConfig, loose)
+    assert loose.run_name == "123" and loose.save_total_limit == 0
     dpo = build_stage_config(DPOStageConfig, {"loss_type": "ipo"})
     assert dpo.loss_type == ["ipo"]
 
@@ -192,3 +195,11 @@ def test_yaml_errors_name_the_line(tmp_path):
 def test_command_line_no_is_a_save_strategy(tmp_path):
     config = load_stage_config(SFTStageConfig, None, ["save_strategy=no", "data.max_length=64"])
     assert config.save_strategy == "no" and config.data == {"max_length": 64}
+
+
+@pytest.mark.parametrize("cls", [DPOStageConfig, KTOStageConfig, CPOStageConfig, ORPOStageConfig])
+def test_preference_truncation_follows_data_max_length(cls):
+    """trl's preference collators cut to their own max_length (DPO/KTO 1024, CPO/ORPO 512 by default): the stage
+    sets it from data.max_length, so a 4096-token recipe is not cut to 1024 behind the user's back."""
+    assert build_stage_config(cls, {"data": {"max_length": 4096}}).max_length == 4096
+    assert build_stage_config(cls, {}).max_length == 2048  # data_tools' default

@@ -143,10 +143,10 @@ def test_divergence_sets_aside_the_checkpoint_it_came_from(base_values, demo_dat
         cpt.main(args(values))
     message = str(err.value)
     assert "at step 2; stopped before the optimizer step" in message
-    assert "checkpoint-1 was saved just before that step, so it is set aside as checkpoint-1.unverified" in message
+    assert "checkpoint-1 was saved just before that step, so it is set aside as unverified-checkpoint-1" in message
     assert "No earlier checkpoint is known good" in message
     run = Path(values["output_dir"])
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1.unverified"]
+    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["unverified-checkpoint-1"]
     with pytest.raises(RecipeError, match="no checkpoint"):
         cpt.main(args({**values, "learning_rate": 1e-3, "resume_from_checkpoint": "last"}))
 
@@ -255,3 +255,35 @@ def test_two_lora_runs_with_one_seed_are_bitwise_equal(base_values, demo_data, t
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     norms = [losses(tmp_path / name, "grad_norm")[1] for name in ("a", "b")]
     assert norms[0] == norms[1]
+
+
+def test_output_dir_that_holds_the_inputs_is_refused(base_values, demo_data, tmp_path):
+    values = {**base_values, "max_steps": 1, "save_steps": 1}
+    values["data"] = {"task": "cpt", "sources": [str(demo_data["corpus"])], "max_length": 32}
+    cpt.main(args(values))
+    base = values["output_dir"]
+    for output_dir in (base, str(Path(base).parent)):
+        with pytest.raises(RecipeError, match="is or contains model_name_or_path"):
+            cpt.main(
+                args({**values, "model_name_or_path": base, "output_dir": output_dir, "overwrite_output_dir": True})
+            )
+    assert (Path(base) / "model.safetensors").is_file()
+
+
+def test_lora_with_the_mtp_loss_on_a_base_without_an_mtp_layer_is_refused(base_values, demo_data, tmp_path):
+    """A transformers-saved Base has no MTP tensors: LoRA would train adapters around a random, frozen MTP block."""
+    values = {**base_values, "max_steps": 1, "output_dir": str(tmp_path / "base")}
+    values["data"] = {"task": "cpt", "sources": [str(demo_data["corpus"])], "max_length": 32}
+    cpt.main(args(values))
+    base = tmp_path / "base"
+    index_free = load_file(base / "model.safetensors")
+    from safetensors.torch import save_file
+
+    layer = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    kept = {k: v for k, v in index_free.items() if not k.startswith(f"model.layers.{layer}.")}
+    save_file(kept, str(base / "model.safetensors"), metadata={"format": "pt"})
+    lora = {**base_values, "model_name_or_path": str(base), "use_lora": True, "output_dir": str(tmp_path / "sft")}
+    lora["data"] = {"sources": [str(demo_data["sft"])], "max_length": 64}
+    with pytest.raises(RecipeError, match="has no MTP layer .* LoRA cannot train a fresh one"):
+        sft.main(args({**lora, "mtp_loss_weight": 0.3, "max_steps": 1}))
+    sft.main(args({**lora, "max_steps": 1}))  # without the MTP loss it loads (one warning) and trains
