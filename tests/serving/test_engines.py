@@ -48,13 +48,6 @@ PROMPTS = [
     "<｜begin▁of▁sentence｜><｜User｜>Hello world<｜Assistant｜>Let me think",
     "<｜begin▁of▁sentence｜>def main():\n    return 数学",
 ]
-# In the corpus' own form, where the MTP layer has learned something to draft.
-MTP_PROMPTS = [
-    "<｜begin▁of▁sentence｜>22 + 76 = 98. 80 + 63 = 143. 17 +",
-    "<｜begin▁of▁sentence｜>2 + 70 = 72. 95 +",
-    "<｜begin▁of▁sentence｜>62 + 31 = 93. 72 + 78 =",
-    "<｜begin▁of▁sentence｜>15 + 83 = 98. 21 + 5",
-]
 
 
 def _require(python: Path) -> None:
@@ -101,7 +94,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
             }
         )
     )
-    out = {"base": base, "adapter_run": run}
+    out = {"base": base, "adapter_run": run, "corpus": data["corpus"]}
     for fmt in ("bf16", "fp8", "adapter"):
         out[fmt] = root / f"export-{fmt}"
         export_cli.main(
@@ -244,19 +237,31 @@ def mtp_draft_counts(model: DeepseekV3ForCausalLM, prompts: list[list[int]], gen
 
 def test_vllm_mtp_speculative_decoding_on_the_exported_mtp_layer(trained, tmp_path) -> None:
     """vLLM drafts with the export's own MTP layer (speculative_config method "mtp") and verifies with the main
-    model: greedy tokens equal plain greedy decoding, and vLLM accepts exactly the drafts our MTP module makes."""
+    model: greedy tokens equal plain greedy decoding, and vLLM accepts exactly the drafts our MTP module makes.
+
+    How well a 120-step MTP layer drafts varies from run to run (tiny numeric differences change the training), so
+    the prompts are the 4 of 16 corpus openings where our own module's drafts are accepted most: equal counts of 0
+    would not tell a working vLLM MTP path from a broken one.
+    """
     _require(VLLM_PYTHON)
     tokenizer = load_tokenizer()
-    prompts = [tokenizer.encode(text, add_special_tokens=False) for text in MTP_PROMPTS]
+    paragraphs = trained["corpus"].read_text().split("\n\n")[:16]
+    candidates = [tokenizer.encode(p, add_special_tokens=False)[:12] for p in paragraphs]
+    candidates = [[tokenizer.bos_token_id, *ids] for ids in candidates]
     model = ours(trained["bf16"])
-    want = reference_tokens(model, prompts)
+    scored = []
+    for ids in candidates:
+        generated = reference_tokens(model, [ids])
+        scored.append((mtp_draft_counts(model, [ids], generated)[1], ids, generated[0]))
+    best = sorted(scored, key=lambda item: -item[0])[:4]
+    prompts, want = [ids for _, ids, _ in best], [gen for _, _, gen in best]
     drafts, accepted = mtp_draft_counts(model, prompts, want)
+    assert accepted > 0, f"the MTP layer trained in this run drafts nothing right on 16 corpus openings ({scored})"
     request = {"model": str(trained["bf16"]), "prompts": prompts, "max_tokens": MAX_TOKENS, "mtp_speculative": 1}
     got = run_engine(VLLM_PYTHON, "vllm_generate.py", request, tmp_path)
     assert_same_tokens("vLLM with MTP speculative decoding", got["tokens"], want)
     print(f"MTP drafts accepted: vLLM {got['accepted_tokens']} of {got['draft_tokens']}, ours {accepted} of {drafts}")
     assert (got["draft_tokens"], got["accepted_tokens"]) == (drafts, accepted)
-    assert accepted > 0, "the trained MTP layer should have some drafts accepted for this test to mean anything"
 
 
 def test_vllm_serves_the_base_as_the_cpt_stage_saved_it(trained, tmp_path) -> None:
