@@ -287,3 +287,18 @@ def test_lora_with_the_mtp_loss_on_a_base_without_an_mtp_layer_is_refused(base_v
     with pytest.raises(RecipeError, match="has no MTP layer .* LoRA cannot train a fresh one"):
         sft.main(args({**lora, "mtp_loss_weight": 0.3, "max_steps": 1}))
     sft.main(args({**lora, "max_steps": 1}))  # without the MTP loss it loads (one warning) and trains
+
+
+def test_a_bf16_preset_keeps_the_router_and_its_bias_fp32(base_values):
+    from finetune.config import SFTStageConfig, build_stage_config
+    from finetune.stage import build_model
+
+    config = build_stage_config(SFTStageConfig, {**base_values, "torch_dtype": "bfloat16"})
+    model = build_model(config)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    for moe in model.moe_layers():
+        assert moe.gate.weight.dtype == torch.float32 and moe.gate.e_score_correction_bias.dtype == torch.float32
+    bias = model.moe_layers()[0].gate.e_score_correction_bias
+    bias.fill_(0.6)
+    bias += 1e-3
+    assert bias[0].item() == pytest.approx(0.601, abs=1e-6)  # in bf16 this step would vanish
