@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from data_tools.tokenizer import copy_tokenizer_files
 from model import CheckpointError, ConfigError, DeepseekV3Config, load_config
-from model.checkpoint import INDEX_NAME, hf_key_to_internal, list_checkpoint_files
+from model.checkpoint import INDEX_NAME, hf_key_to_internal, list_checkpoint_files, stored_dtype_name
 from model.config import FP8_QUANTIZATION_CONFIG, save_official_config
 from model.fp8 import (
     BLOCK_SIZE,
@@ -651,15 +651,6 @@ def write_shards(
     return weight_map
 
 
-def _stored_dtype(shards: list[list[Entry]]) -> str:
-    """The torch_dtype the output's config.json states: the dtype of most elements, FP8 weights and scales aside."""
-    counts: dict[str, int] = {}
-    for entry in (e for shard in shards for e in shard):
-        if entry.dtype in ("F32", "BF16", "F16", "F64") and len(entry.shape) >= 2:
-            counts[entry.dtype] = counts.get(entry.dtype, 0) + math.prod(entry.shape)
-    return str(DTYPES[max(counts, key=counts.get)]).removeprefix("torch.") if counts else "bfloat16"
-
-
 def write_config(config: DeepseekV3Config, out: Path, fmt: str, scale_fmt: str | None, torch_dtype: str) -> None:
     """config.json of the output in the official form: quantization_config only for fp8, the stored dtype named."""
     quant = dict(FP8_QUANTIZATION_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {})) if fmt == "fp8" else None
@@ -767,7 +758,10 @@ def export_merged(
         total = sum(e.nbytes for shard in shards for e in shard)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        stored = _stored_dtype(shards)
+        # The dtype of most elements, from the plan (meta tensors: nothing is read).
+        stored = stored_dtype_name(
+            torch.empty(e.shape, dtype=DTYPES[e.dtype], device="meta") for s in shards for e in s
+        )
         write_config(config, staging, fmt, scale_fmt, stored)
         copy_side_files(base_dir, staging, tokenizer_dir, result)
         # --format bf16 dequantizes FP8 to BF16 and keeps every other tensor's dtype (an fp32 base stays fp32).

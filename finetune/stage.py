@@ -24,6 +24,7 @@ from model import CheckpointError, DeepseekV3Config, DeepseekV3ForCausalLM, load
 from model.checkpoint import has_mtp_tensors, list_checkpoint_files
 
 from .config import RecipeError, load_stage_config
+from .export import ExportError, read_header
 from .lora import build_lora_config
 from .parallel import (
     ParallelConfigError,
@@ -209,6 +210,8 @@ def _build_lora_config(model: DeepseekV3ForCausalLM, config: Any, tokenizer: Pre
     )
 
 
+# Files a folder may hold without being a run (a tokenizer or config put there by hand).
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 # A run's own files in output_dir (what overwrite_output_dir removes); checkpoint folders and shards by pattern.
 RUN_FILES = (
     "model.safetensors",
@@ -217,12 +220,15 @@ RUN_FILES = (
     "adapter_config.json",
     "trainer_state.json",
     "training_args.bin",
-    "config.json",
-    "generation_config.json",
-    *TOKENIZER_FILES,
+    *SIDE_FILES,
 )
 RUN_PATTERNS = (r"checkpoint-\d+", r"unverified-checkpoint-\d+", r"model-\d+-of-\d+\.safetensors")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (or a single process): the one that removes and rewrites shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resuming(config: Any) -> bool:
@@ -250,12 +256,7 @@ def check_output_dir(config: Any) -> None:
     used = sorted(
         p.name for p in folder.iterdir() if p.name in run_files or any(re.fullmatch(r, p.name) for r in RUN_PATTERNS)
     )
-    if not any(
-        n in ("trainer_state.json", config.loss_log_file)
-        or n.startswith(("checkpoint-", "model", "adapter"))
-        or n.startswith("unverified-")
-        for n in used
-    ):
+    if all(name in SIDE_FILES for name in used):
         return  # only tokenizer or config files: nothing a run would mix up
     if not config.overwrite_output_dir:
         shown = ", ".join(used[:3]) + (", ..." if len(used) > 3 else "")
@@ -263,26 +264,13 @@ def check_output_dir(config: Any) -> None:
             f"output_dir={folder} already holds a run ({shown}): resume it with resume_from_checkpoint=last or "
             "start over with overwrite_output_dir=true"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         for name in [*used, ".staging"]:
             path = folder / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return f"{file.name} has no readable safetensors header"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if file.stat().st_size < 8 + size + end:
-        return f"{file.name} is truncated ({file.stat().st_size} of {8 + size + end} bytes)"
-    return None
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -298,8 +286,11 @@ def checkpoint_problem(folder: Path) -> str | None:
     if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("global_step*")):
         return "no model or adapter weights"
     for file in sorted(folder.rglob("*")):
-        if file.suffix == ".safetensors" and (problem := _safetensors_problem(file)):
-            return problem
+        if file.suffix == ".safetensors":
+            try:
+                read_header(file)  # the export's reader: header readable, every tensor inside the file
+            except ExportError as err:
+                return str(err)
         if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
             return f"{file.relative_to(folder)} is truncated or not a torch file"
     return None
@@ -334,7 +325,7 @@ def resume_checkpoint(config: Any) -> str | None:
 
 def trim_loss_log(config: Any, checkpoint: str) -> None:
     """Drop the records of steps after `checkpoint` from the loss log: the resumed run logs them again."""
-    if not config.loss_log_file or int(os.environ.get("RANK", "0")) != 0:
+    if not config.loss_log_file or not is_main_process():
         return
     path = Path(config.output_dir) / config.loss_log_file
     if not path.is_file():
@@ -360,7 +351,7 @@ def train_and_save(trainer: Any, config: Any) -> None:
     checkpoint = resume_checkpoint(config)
     if checkpoint is not None:
         trim_loss_log(config, checkpoint)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             print(f"resuming from {checkpoint}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
