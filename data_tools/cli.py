@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = build_recipe(args)
         if args.command == "validate":
             recipe = replace(recipe, skip_invalid=True)
-        splits, report = build_datasets(recipe)
+        splits, report = build_datasets(recipe, allow_empty=args.command != "prepare")
         if args.command == "prepare":
             save_datasets(splits, report, args.output)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())

@@ -33,7 +33,10 @@ def build_corpus_blocks(
     """Text rows ({"text"}) -> blocks {input_ids, labels, position_ids, seq_lengths} of block_size tokens."""
     kwargs: dict[str, Any] = {}
     if isinstance(ds, Dataset):
-        kwargs = {"num_proc": num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None}
+        kwargs = {
+            "num_proc": num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None,
+            "load_from_cache_file": False,
+        }
     columns = ds.column_names if ds.column_names is not None else ["text"]
     tokens = ds.map(tokenize_text_batch, batched=True, remove_columns=columns, fn_kwargs={"chat": chat}, **kwargs)
     return tokens.map(

@@ -26,7 +26,7 @@ from data_tools.corpus import build_corpus_blocks
 from data_tools.errors import DataError, RecordError
 from data_tools.formats import TASK_KINDS
 from data_tools.packing import compute_fill_ratio, pack_dataset
-from data_tools.sources import SourceSpec, apply_weight, build_stream_mixture, load_source
+from data_tools.sources import KIND_NAMES, SourceSpec, apply_weight, build_stream_mixture, load_source
 from data_tools.template import ChatTokenizer
 from data_tools.tokenizer import load_tokenizer
 from data_tools.validate import (
@@ -60,6 +60,7 @@ class DataRecipe:
     skip_invalid: bool = False
     dedup: bool = True
     fix_tool_calls: bool = False
+    parse_special_tokens: bool = False  # true: control-token strings typed inside content become control tokens
     seed: int = 0
     num_proc: int = 1
     streaming: bool = False
@@ -89,7 +90,13 @@ class DataRecipe:
         if not 0.0 <= recipe.replay_fraction < 1.0:
             raise DataError(f"replay_fraction must be in [0, 1), got {recipe.replay_fraction}")
         if recipe.on_too_long not in ON_TOO_LONG:
-            raise DataError(f"on_too_long must be one of {ON_TOO_LONG}")
+            raise DataError(f"on_too_long must be one of {ON_TOO_LONG}, got {recipe.on_too_long!r}")
+        if recipe.train_on not in ("all", "last"):
+            raise DataError(f"train_on must be 'all' (every assistant turn) or 'last', got {recipe.train_on!r}")
+        if not 0.0 <= recipe.eval_fraction < 1.0:
+            raise DataError(f"eval_fraction must be in [0, 1) (1 leaves nothing to train), got {recipe.eval_fraction}")
+        if not isinstance(recipe.max_length, int) or recipe.max_length < 2:
+            raise DataError(f"max_length must be an integer of at least 2, got {recipe.max_length!r}")
         if not recipe.sources:
             raise DataError("the recipe has no sources")
         return recipe
@@ -119,19 +126,66 @@ def too_long_error(length: int, max_length: int) -> RecordError:
     return RecordError("too_long", f"sample has {length} tokens, more than max_length {max_length}")
 
 
+def surely_too_long(chars: int, chat: ChatTokenizer, max_length: int) -> RecordError | None:
+    """The too-long error for a sample whose text alone proves it longer than max_length, before tokenizing it
+    (a 50 MB record is refused without tokenizing 50 MB)."""
+    if chars <= chat.max_token_chars * (max_length + 64):
+        return None
+    return RecordError(
+        "too_long", f"sample has {chars:,} characters: more than max_length {max_length} tokens whatever it says"
+    )
+
+
+def char_budget(chat: ChatTokenizer, max_length: int) -> int:
+    """Characters that surely hold more than max_length tokens: truncating text there keeps the first max_length."""
+    return chat.max_token_chars * (max_length + 64)
+
+
+def cut_segments(segments: list, budget: int) -> list:
+    """Segments with the text after the first `budget` characters left out (for truncation)."""
+    out, used = [], 0
+    for segment in segments:
+        if used >= budget:
+            break
+        if not segment.special:
+            segment = segment._replace(text=segment.text[: budget - used])
+            used += len(segment.text)
+        out.append(segment)
+    return out
+
+
+def message_texts(messages: list[dict[str, Any]]) -> list[str]:
+    """The text a list of canonical messages holds."""
+    texts = []
+    for m in messages:
+        texts.append(m.get("content") or "")
+        texts += [c["function"]["name"] + c["function"]["arguments"] for c in m.get("tool_calls") or []]
+    return texts
+
+
 def tokenize_sft_batch(
     batch: dict[str, list], chat: ChatTokenizer, max_length: int, train_on: str, on_too_long: str
 ) -> dict[str, list]:
     """Batched map function: canonical chats -> input_ids, labels (with error rows for what cannot be used)."""
     errors: list[RecordError | None] = [None] * len(batch["messages"])
+    control = []
     segments = []
     for i, messages in enumerate(batch["messages"]):
+        texts = message_texts(messages)
+        control.append(any(chat.has_control(t) for t in texts))
         try:
-            segments.append(chat.segments(messages, train_on=train_on))
+            row = chat.segments(messages, train_on=train_on)
         except RecordError as e:
             errors[i] = e
-            segments.append([])
-    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": []}
+            row = []
+        chars = sum(len(t) for t in texts)
+        if errors[i] is None and (error := surely_too_long(chars, chat, max_length)) is not None:
+            if on_too_long == "truncate":
+                row = cut_segments(row, char_budget(chat, max_length))
+            else:
+                errors[i], row = error, []
+        segments.append(row)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_control": control}
     for i, (ids, trained) in enumerate(chat.encode_segments(segments)):
         truncated = False
         if errors[i] is None and len(ids) > max_length:
@@ -141,6 +195,8 @@ def tokenize_sft_batch(
                     errors[i] = RecordError("no_target", "nothing left to train after truncation")
             else:
                 errors[i] = too_long_error(len(ids), max_length)
+        if errors[i] is None and not any(trained[1:]):
+            errors[i] = RecordError("no_target", "no assistant turn to train (every answer has weight 0)")
         labels = [t if flag else -100 for t, flag in zip(ids, trained)]
         if labels:
             labels[0] = -100
@@ -150,31 +206,138 @@ def tokenize_sft_batch(
     return {**out, **error_columns(errors)}
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids two sequences share (trl's common_prefix_length)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_standard(chat: ChatTokenizer, prompts: list[str], completions: list[list[str]]) -> list[list[list[int]]]:
+    """trl's tokenization of standard (plain-text) records: bos + prompt, and bos + prompt + completion + eos for
+    each completion, the prompt ending where they first differ (tokens may merge across the boundary)."""
+    n = len(completions[0]) if completions else 0
+    texts = [p for p in prompts] + [p + c for p, cs in zip(prompts, completions) for c in cs]
+    encoded = chat.encode_texts(texts)
+    prompt_ids = [[chat.bos_id, *ids] for ids in encoded[: len(prompts)]]
+    full = [[chat.bos_id, *ids, chat.eos_id] for ids in encoded[len(prompts) :]]
+    rows = []
+    for i, prompt in enumerate(prompt_ids):
+        answers = full[i * n : (i + 1) * n]
+        cut = min(common_prefix_length(prompt, a) for a in answers)
+        rows.append([prompt[:cut], *(a[cut:] for a in answers)])
+    return rows
+
+
+def standard_too_long(batch: dict[str, list], fields: list[str], chat: ChatTokenizer, max_length: int) -> list:
+    """Per row: the too-long error its characters alone prove, else None."""
+    rows = zip(*(batch[f] for f in fields))
+    return [surely_too_long(sum(len(v) for v in values), chat, max_length) for values in rows]
+
+
+def tokenize_text_completion_batch(
+    batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
+) -> dict[str, list]:
+    """Batched map function: plain-text prompt/completion (trl's standard type; a document is a completion with an
+    empty prompt) -> bos + prompt + completion + eos, labels on the completion and eos; no chat template."""
+    prompts, completions = list(batch["prompt"]), list(batch["completion"])
+    errors: list[RecordError | None] = standard_too_long(batch, ["prompt", "completion"], chat, max_length)
+    budget = char_budget(chat, max_length)
+    for i, error in enumerate(errors):
+        if error is not None and on_too_long == "truncate":
+            prompts[i], completions[i] = prompts[i][:budget], completions[i][: max(0, budget - len(prompts[i]))]
+            errors[i] = None
+        elif error is not None:
+            prompts[i], completions[i] = "", ""
+    control = [chat.has_control(p) or chat.has_control(c) for p, c in zip(batch["prompt"], batch["completion"])]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_control": control}
+    for i, (prompt, ids) in enumerate(encode_standard(chat, prompts, [[c] for c in completions])):
+        ids = prompt + ids
+        labels = [-100] * len(prompt) + ids[len(prompt) :]
+        truncated = False
+        if errors[i] is None and len(ids) > max_length:
+            if on_too_long == "truncate":
+                ids, labels, truncated = ids[:max_length], labels[:max_length], True
+                if all(label == -100 for label in labels):
+                    errors[i] = RecordError("no_target", "nothing left to train after truncation")
+            else:
+                errors[i] = too_long_error(len(ids), max_length)
+        if labels:
+            labels[0] = -100
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["_truncated"].append(truncated)
+    return {**out, **error_columns(errors)}
+
+
+def fit_completions(
+    prompt_ids: list[int], answers: list[list[int]], max_length: int, on_too_long: str
+) -> tuple[list[list[int]], bool, RecordError | None]:
+    """Completions cut to fit max_length after the prompt (truncate), or the too-long error."""
+    length = len(prompt_ids) + max(len(a) for a in answers)
+    if length <= max_length:
+        return answers, False, None
+    room = max_length - len(prompt_ids)
+    if on_too_long != "truncate":
+        return answers, False, too_long_error(length, max_length)
+    if room <= 0:
+        return answers, False, RecordError("no_target", "the prompt alone fills max_length")
+    return [a[:room] for a in answers], True, None
+
+
+def conversational_pairs(batch: dict[str, list], chat: ChatTokenizer, answers: list[str]) -> list[list[list[int]]]:
+    """[prompt_ids, *answer_ids] per row of conversational prompt / answer messages."""
+    columns = [chat.tokenize_completions(batch["prompt"], batch[a]) for a in answers]
+    return [[pairs[0][0], *(p[1] for p in pairs)] for pairs in zip(*columns)]
+
+
+def tokenize_answers(
+    batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str, answers: list[str]
+) -> tuple[dict[str, list], list[RecordError | None]]:
+    """prompt_ids and `<answer>_ids` per row (preference: chosen and rejected; kto: completion), either kind."""
+    standard = isinstance(batch["prompt"][0], str) if batch["prompt"] else False
+    if standard:
+        errors = standard_too_long(batch, ["prompt", *answers], chat, max_length)
+        rows_in = {f: [("" if e else v) for v, e in zip(batch[f], errors)] for f in ["prompt", *answers]}
+        control = [any(chat.has_control(batch[f][i]) for f in ["prompt", *answers]) for i in range(len(errors))]
+        rows = encode_standard(chat, rows_in["prompt"], [list(v) for v in zip(*(rows_in[a] for a in answers))])
+    else:
+        errors = []
+        control = []
+        for values in zip(*(batch[f] for f in ["prompt", *answers])):
+            texts = [t for messages in values for t in message_texts(messages)]
+            control.append(any(chat.has_control(t) for t in texts))
+            errors.append(surely_too_long(sum(len(t) for t in texts), chat, max_length))
+        keep = [i for i, e in enumerate(errors) if e is None]
+        kept = conversational_pairs({f: [batch[f][i] for i in keep] for f in ["prompt", *answers]}, chat, answers)
+        rows = [[[], *([] for _ in answers)] for _ in errors]
+        for i, row in zip(keep, kept):
+            rows[i] = row
+    out: dict[str, list] = {
+        "prompt_ids": [],
+        **{f"{a}_ids": [] for a in answers},
+        "_truncated": [],
+        "_control": control,
+    }
+    for i, (prompt_ids, *answer_ids) in enumerate(rows):
+        truncated = False
+        if errors[i] is None:
+            answer_ids, truncated, errors[i] = fit_completions(prompt_ids, answer_ids, max_length, on_too_long)
+        out["prompt_ids"].append(prompt_ids)
+        for a, ids in zip(answers, answer_ids):
+            out[f"{a}_ids"].append(ids)
+        out["_truncated"].append(truncated)
+    return out, errors
+
+
 def tokenize_preference_batch(
     batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
 ) -> dict[str, list]:
     """Batched map function: prompt/chosen/rejected -> trl's prompt_ids, chosen_ids, rejected_ids."""
-    chosen = chat.tokenize_completions(batch["prompt"], batch["chosen"])
-    rejected = chat.tokenize_completions(batch["prompt"], batch["rejected"])
-    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "_truncated": []}
-    errors: list[RecordError | None] = []
-    for (prompt_ids, chosen_ids), (_, rejected_ids) in zip(chosen, rejected):
-        error = None
-        truncated = False
-        length = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
-        if length > max_length:
-            room = max_length - len(prompt_ids)
-            if on_too_long != "truncate":
-                error = too_long_error(length, max_length)
-            elif room <= 0:
-                error = RecordError("no_target", "the prompt alone fills max_length")
-            else:
-                chosen_ids, rejected_ids, truncated = chosen_ids[:room], rejected_ids[:room], True
-        errors.append(error)
-        out["prompt_ids"].append(prompt_ids)
-        out["chosen_ids"].append(chosen_ids)
-        out["rejected_ids"].append(rejected_ids)
-        out["_truncated"].append(truncated)
+    out, errors = tokenize_answers(batch, chat, max_length, on_too_long, ["chosen", "rejected"])
     return {**out, **error_columns(errors)}
 
 
@@ -182,103 +345,95 @@ def tokenize_kto_batch(
     batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
 ) -> dict[str, list]:
     """Batched map function: prompt/completion/label -> trl's prompt_ids, completion_ids, label."""
-    pairs = chat.tokenize_completions(batch["prompt"], batch["completion"])
-    out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "label": batch["label"], "_truncated": []}
-    errors: list[RecordError | None] = []
-    for prompt_ids, completion_ids in pairs:
-        error = None
-        truncated = False
-        length = len(prompt_ids) + len(completion_ids)
-        if length > max_length:
-            room = max_length - len(prompt_ids)
-            if on_too_long != "truncate":
-                error = too_long_error(length, max_length)
-            elif room <= 0:
-                error = RecordError("no_target", "the prompt alone fills max_length")
-            else:
-                completion_ids, truncated = completion_ids[:room], True
-        errors.append(error)
-        out["prompt_ids"].append(prompt_ids)
-        out["completion_ids"].append(completion_ids)
-        out["_truncated"].append(truncated)
-    return {**out, **error_columns(errors)}
+    out, errors = tokenize_answers(batch, chat, max_length, on_too_long, ["completion"])
+    return {**out, "label": batch["label"], **error_columns(errors)}
 
 
-def tokenize_text_completion_batch(
-    batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
-) -> dict[str, list]:
-    """Batched map function: plain-text prompt/completion (cpt) -> bos + prompt + completion + eos, with labels on
-    the completion and the eos only; no chat template."""
-    prompts, completions = chat.encode_texts(batch["prompt"]), chat.encode_texts(batch["completion"])
-    errors: list[RecordError | None] = [None] * len(prompts)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": []}
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        ids = [chat.bos_id, *prompt, *completion, chat.eos_id]
-        labels = [-100] * (1 + len(prompt)) + [*completion, chat.eos_id]
-        truncated = False
-        if len(ids) > max_length:
-            if on_too_long == "truncate":
-                ids, labels, truncated = ids[:max_length], labels[:max_length], True
-                if all(label == -100 for label in labels):
-                    errors[i] = RecordError("no_target", "nothing left to train after truncation")
-            else:
-                errors[i] = too_long_error(len(ids), max_length)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["_truncated"].append(truncated)
-    return {**out, **error_columns(errors)}
-
-
+# canonical kind -> its tokenizing map function
 TOKENIZERS = {
-    "cpt": tokenize_text_completion_batch,
-    "sft": tokenize_sft_batch,
-    "dpo": tokenize_preference_batch,
+    "chat": tokenize_sft_batch,
+    "text_completion": tokenize_text_completion_batch,
+    "preference": tokenize_preference_batch,
+    "text_preference": tokenize_preference_batch,
     "kto": tokenize_kto_batch,
+    "text_kto": tokenize_kto_batch,
 }
+
+
+def example_kind(ds: Dataset | IterableDataset) -> str:
+    """The canonical kind of a dataset's rows, from its columns and their types."""
+    columns = set(ds.column_names or [])
+    features = ds.features or {}
+    standard = "prompt" in features and getattr(features["prompt"], "dtype", None) == "string"
+    if "messages" in columns:
+        return "chat"
+    if "chosen" in columns:
+        return "text_preference" if standard else "preference"
+    if "label" in columns:
+        return "text_kto" if standard else "kto"
+    if "completion" in columns:
+        return "text_completion"
+    return "text"
 
 
 def tokenize_examples(
     ds: Dataset | IterableDataset, recipe: DataRecipe, chat: ChatTokenizer, report: DataReport, split: str
 ) -> Dataset | IterableDataset:
     """Canonical rows -> tokenized rows for the recipe's task (bad or too-long rows raised, skipped or dropped)."""
-    function = TOKENIZERS[recipe.task]
+    kind = example_kind(ds)
+    function = TOKENIZERS[kind]
     kwargs: dict[str, Any] = {"max_length": recipe.max_length, "on_too_long": recipe.on_too_long, "chat": chat}
-    if recipe.task == "sft":
+    if kind == "chat":
         kwargs["train_on"] = recipe.train_on
     content = [c for c in (ds.column_names or []) if not c.startswith("_")]
     options: dict[str, Any] = {}
     if isinstance(ds, Dataset):
         use_proc = recipe.num_proc > 1 and len(ds) >= 2 * recipe.num_proc
-        options = {"num_proc": recipe.num_proc if use_proc else None, "desc": f"Tokenizing {split}"}
+        options = {
+            "num_proc": recipe.num_proc if use_proc else None,
+            "desc": f"Tokenizing {split}",
+            "load_from_cache_file": False,  # see sources.map_options
+        }
     ds = ds.map(function, batched=True, fn_kwargs=kwargs, remove_columns=content, **options)
     drop = frozenset({"no_target"} | ({"too_long"} if recipe.on_too_long == "drop" else set()))
     ds = drop_bad_records(ds, report, recipe.skip_invalid, drop)
     if isinstance(ds, Dataset):
         report.truncated += sum(read_column(ds, "_truncated"))
+        report.control_strings += sum(read_column(ds, "_control"))
         report.examples[split] = len(ds)
-        report.lengths[split] = measure_lengths(ds, recipe.task)
-    return ds.remove_columns(["_truncated", "_file", "_line"])
+        report.lengths[split] = measure_lengths(ds)
+    return ds.remove_columns(["_truncated", "_control", "_file", "_line"])
 
 
-def measure_lengths(ds: Dataset, task: str) -> list[int]:
-    """Token length of each tokenized example (for DPO the longer of the two sequences)."""
-    if task in ("sft", "cpt"):
+def measure_lengths(ds: Dataset) -> list[int]:
+    """Token length of each tokenized example (for preference pairs the longer of the two sequences)."""
+    columns = ds.column_names
+    if "input_ids" in columns:
         return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
-    if task == "dpo":
+    if "chosen_ids" in columns:
         return [len(p) + max(len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     return [len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["completion_ids"])]
 
 
-def load_sources(specs: list[SourceSpec], kind: str, recipe: DataRecipe, report: DataReport) -> list[Dataset]:
-    """Canonical, checked rows of each source."""
+def load_sources(
+    specs: list[SourceSpec], kinds: tuple[str, ...], recipe: DataRecipe, report: DataReport
+) -> list[Dataset]:
+    """Canonical, checked rows of each source; every source of a recipe gives the same kind of example."""
     parts = []
     for spec in specs:
-        ds = load_source(spec, kind, recipe.streaming, recipe.num_proc)
+        ds = load_source(spec, kinds, recipe.streaming, recipe.num_proc, report.notes)
         ds = drop_bad_records(ds, report, recipe.skip_invalid)
         if isinstance(ds, Dataset):
-            report.records[spec.path] += len(ds)
-        parts.append(ds)
-    return parts
+            report.records[spec.where] += len(ds)
+        parts.append((spec, ds))
+    found = {example_kind(ds): spec for spec, ds in parts}
+    if len(found) > 1:
+        (kind_a, spec_a), (kind_b, spec_b) = list(found.items())[:2]
+        raise DataError(
+            f"the sources mix {KIND_NAMES[kind_a]} ({spec_a.where}) with {KIND_NAMES[kind_b]} ({spec_b.where}); "
+            "one recipe trains one kind (as_chat: true on a source puts plain strings in the chat template)"
+        )
+    return [ds for _, ds in parts]
 
 
 def build_mixture(parts: list[Dataset], specs: list[SourceSpec], recipe: DataRecipe) -> Dataset:
@@ -291,15 +446,17 @@ def build_mixture(parts: list[Dataset], specs: list[SourceSpec], recipe: DataRec
 
 
 def build_datasets(
-    recipe: DataRecipe, tokenizer: PreTrainedTokenizerBase | None = None
+    recipe: DataRecipe, tokenizer: PreTrainedTokenizerBase | None = None, allow_empty: bool = False
 ) -> tuple[dict[str, Dataset | IterableDataset], DataReport]:
-    """The recipe's train (and eval) datasets, ready for the trainers, and the report of what happened."""
+    """The recipe's train (and eval) datasets, ready for the trainers, and the report of what happened.
+
+    A recipe that leaves no train example is a DataError, unless `allow_empty` (validate and stats report it)."""
     tokenizer = tokenizer or load_tokenizer(recipe.tokenizer)
-    chat = ChatTokenizer(tokenizer, recipe.fix_tool_calls)
+    chat = ChatTokenizer(tokenizer, recipe.fix_tool_calls, recipe.parse_special_tokens)
     report = DataReport()
-    kind = TASK_KINDS[recipe.task]
-    train_parts = load_sources(recipe.sources, kind, recipe, report)
-    eval_parts = load_sources(recipe.eval_sources, kind, recipe, report)
+    kinds = TASK_KINDS[recipe.task]
+    train_parts = load_sources(recipe.sources, kinds, recipe, report)
+    eval_parts = load_sources(recipe.eval_sources, kinds, recipe, report)
     if recipe.streaming:
         train = build_stream_mixture(train_parts, [s.weight for s in recipe.sources], recipe.seed)
         splits: dict[str, Any] = {"train": train}
@@ -309,6 +466,11 @@ def build_datasets(
         splits = build_splits(train_parts, eval_parts, recipe, report)
     result: dict[str, Dataset | IterableDataset] = {}
     for split, ds in splits.items():
+        if isinstance(ds, Dataset) and len(ds) == 0:
+            if split == "train" and not allow_empty:
+                raise DataError(f"no train examples left: {report.summary_of_losses()}")
+            report.notes.append(f"{split}: no examples left ({report.summary_of_losses()})")
+            continue
         if recipe.task == "cpt":
             result[split] = build_cpt_split(ds, recipe, chat, report, split)
             continue

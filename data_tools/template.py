@@ -15,8 +15,11 @@ splits on special tokens before anything else, so encoding the pieces apart give
 string, and tells us which tokens belong to the assistant.
 """
 
+import json
+import re
 from typing import Any, Literal, NamedTuple
 
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from data_tools.errors import RecordError
@@ -69,12 +72,15 @@ def build_chat_segments(
     """Render canonical messages as segments, exactly as the official template orders them."""
     segments: list[Segment] = []
 
+    def context_only(index: int) -> bool:  # an assistant turn marked train: false (OpenAI's weight 0)
+        return 0 <= index < len(messages) and messages[index].get("train") is False
+
     def special(token: str, trained: bool, index: int) -> None:
-        segments.append(Segment(token, True, trained, index))
+        segments.append(Segment(token, True, trained and not context_only(index), index))
 
     def text(value: str, trained: bool, index: int) -> None:
         if value:
-            segments.append(Segment(value, False, trained, index))
+            segments.append(Segment(value, False, trained and not context_only(index), index))
 
     def tool_call(call: dict[str, Any], index: int) -> None:
         function = call["function"]
@@ -161,36 +167,85 @@ def render_chat(
 class ChatTokenizer:
     """Turns canonical examples into token ids and labels in the DeepSeek-V3 chat format, a batch at a time."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, fix_tool_calls: bool = False):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, fix_tool_calls: bool = False, parse_special_tokens: bool = False
+    ):
         self.tokenizer = tokenizer
         self.fix_tool_calls = fix_tool_calls
+        self.parse_special_tokens = parse_special_tokens
         self.special_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
         self.bos_id = self.special_ids[BOS]
         self.eos_id = self.special_ids[EOS]
         # The Rust tokenizer directly: one call per batch, no Python-side offsets.
         self.backend = getattr(tokenizer, "_tokenizer", None)
+        self.text_backend = self.backend
+        added = [t for t in tokenizer.get_added_vocab()]
+        self.control = (
+            re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))) if added else None
+        )
+        if self.backend is not None and not parse_special_tokens:
+            self.text_backend = build_text_backend(self.backend)
+        vocab = tokenizer.get_vocab()
+        # No token spans more characters than its byte-level string has bytes: a text of more than
+        # max_token_chars * n characters has more than n tokens, known without tokenizing it.
+        self.max_token_chars = max(len(token) for token in vocab) if vocab else 1
+
+    def has_control(self, text: str | None) -> bool:
+        """Whether `text` holds a control-token string (e.g. a typed `<｜Assistant｜>`)."""
+        return (
+            bool(text)
+            and self.control is not None
+            and ("<｜" in text or "<|" in text)
+            and bool(self.control.search(text))
+        )
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of plain text pieces (no bos or eos added)."""
+        """Token ids of plain text pieces (no bos or eos added). Control-token strings inside the text stay text
+        unless parse_special_tokens is set."""
         if not texts:
             return []
-        if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        if self.text_backend is not None:
+            return [e.ids for e in self.text_backend.encode_batch_fast(texts, add_special_tokens=False)]
+        if not self.parse_special_tokens and any(self.has_control(t) for t in texts):
+            raise ValueError("control-token strings in text need a fast tokenizer to be encoded as text")
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def encode_segments(self, batch: list[list[Segment]]) -> list[tuple[list[int], list[bool]]]:
-        """Token ids and trained flags for each segment list of a batch."""
-        encoded = iter(self.encode_texts([s.text for segments in batch for s in segments if not s.special]))
+        """Token ids and trained flags for each segment list of a batch.
+
+        Adjacent text segments (the official template puts no special token between a user turn and a later tool
+        call) are encoded together, as tokenizing the rendered string does; a token that spans trained and
+        untrained text is not trained."""
+        runs_of = [merge_text_runs(segments) for segments in batch]
+        texts = [run for runs in runs_of for run in runs if not isinstance(run, Segment)]
+        plain_texts = [r.text if len(r.parts) == 1 else "".join(p.text for p in r.parts) for r in texts]
+        encoded = iter(self.encode_texts(plain_texts))
         results = []
-        for segments in batch:
+        for runs in runs_of:
             ids: list[int] = []
             trained: list[bool] = []
-            for segment in segments:
-                piece = [self.special_ids[segment.text]] if segment.special else next(encoded)
+            for run in runs:
+                if isinstance(run, Segment):
+                    ids.append(self.special_ids[run.text])
+                    trained.append(run.trained)
+                    continue
+                piece = next(encoded)
                 ids.extend(piece)
-                trained.extend([segment.trained] * len(piece))
+                flags = {p.trained for p in run.parts}
+                if len(flags) == 1:
+                    trained.extend([run.parts[0].trained] * len(piece))
+                else:
+                    trained.extend(self.mixed_flags(run))
             results.append((ids, trained))
         return results
+
+    def mixed_flags(self, run: "TextRun") -> list[bool]:
+        """Per-token trained flags of a run joining trained and untrained text: a token is trained when every
+        character it covers is."""
+        text = "".join(p.text for p in run.parts)
+        chars = [p.trained for p in run.parts for _ in p.text]
+        encoding = (self.text_backend or self.backend).encode(text, add_special_tokens=False)
+        return [all(chars[a:b]) if b > a else chars[min(a, len(chars) - 1)] for a, b in encoding.offsets]
 
     def segments(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, train_on: TrainOn = "all"
@@ -235,6 +290,40 @@ class ChatTokenizer:
             start = next((i for i, t in enumerate(trained) if t), len(ids))
             results.append((ids[:start], ids[start:]))
         return results
+
+
+class TextRun(NamedTuple):
+    """Adjacent text segments, encoded as one string."""
+
+    parts: list[Segment]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts)
+
+
+def merge_text_runs(segments: list[Segment]) -> list[Segment | TextRun]:
+    """Special-token segments as they are, and each run of adjacent text segments as one TextRun."""
+    runs: list[Segment | TextRun] = []
+    for segment in segments:
+        if segment.special:
+            runs.append(segment)
+        elif runs and isinstance(runs[-1], TextRun):
+            runs[-1].parts.append(segment)
+        else:
+            runs.append(TextRun([segment]))
+    return runs
+
+
+def build_text_backend(backend: Tokenizer) -> Tokenizer:
+    """A copy of the Rust tokenizer that encodes every added token's string as plain text: chat content is text,
+    and a user typing `<｜Assistant｜>` must not open an assistant turn."""
+    spec = json.loads(backend.to_str())
+    for token in spec.get("added_tokens", []):
+        token["special"] = True
+    text_backend = Tokenizer.from_str(json.dumps(spec))
+    text_backend.encode_special_tokens = True
+    return text_backend
 
 
 def build_labeled(ids: list[int], trained: list[bool]) -> dict[str, list[int]]:

@@ -11,7 +11,7 @@ from datasets import Dataset, IterableDataset
 
 from data_tools.errors import DataError
 
-PRIVATE_COLUMNS = ("_error", "_field", "_reason")
+PRIVATE_COLUMNS = ("_error", "_field", "_reason", "_ignored")
 
 
 @dataclass
@@ -27,6 +27,38 @@ class DataReport:
     lengths: dict[str, list[int]] = field(default_factory=dict)  # split -> token length of each example
     fill_ratio: dict[str, float] = field(default_factory=dict)  # split -> real tokens / row capacity
     first_errors: list[str] = field(default_factory=list)  # a few skipped records, as printed errors
+    ignored: Counter = field(default_factory=Counter)  # (file, record key) -> records whose key nothing read
+    control_strings: int = 0  # examples with control-token strings inside their text (kept as text)
+    notes: list[str] = field(default_factory=list)  # warnings: empty files skipped, texts read as one document
+
+    def summary_of_losses(self) -> str:
+        """What removed the records, in one phrase."""
+        parts = [f"{sum(self.records.values())} records read"]
+        if self.skipped:
+            parts.append(f"skipped {dict(self.skipped)}")
+        if self.dropped:
+            parts.append(f"dropped {dict(self.dropped)}")
+        return ", ".join(parts)
+
+    def warnings(self) -> list[str]:
+        """What the data lost or changed that the user should know: unused fields, control strings, notes."""
+        lines = []
+        for file, keys in self.ignored_by_file().items():
+            counts = ", ".join(f"{key} ({count})" for key, count in keys.items())
+            lines.append(f"{file}: fields not used (records): {counts}")
+        if self.control_strings:
+            lines.append(
+                f"{self.control_strings} examples hold control-token strings (e.g. <｜Assistant｜>) in their text; "
+                "they are trained as text (parse_special_tokens: true makes them control tokens)"
+            )
+        return lines + self.notes
+
+    def ignored_by_file(self) -> dict[str, dict[str, int]]:
+        """file -> {key: records} of the record keys that were not used."""
+        out: dict[str, dict[str, int]] = {}
+        for (file, key), count in sorted(self.ignored.items()):
+            out.setdefault(file, {})[key] = count
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (lengths as percentiles)."""
@@ -39,6 +71,9 @@ class DataReport:
             "rows": self.rows,
             "token_lengths": {split: build_percentiles(lengths) for split, lengths in self.lengths.items()},
             "fill_ratio": self.fill_ratio,
+            "ignored_fields": self.ignored_by_file(),
+            "control_token_strings": self.control_strings,
+            "notes": self.notes,
         }
 
     def format(self) -> str:
@@ -49,6 +84,7 @@ class DataReport:
         lines += [f"  {error}" for error in self.first_errors]
         lines.append(f"dropped: {sum(self.dropped.values())} {dict(self.dropped) or ''}".rstrip())
         lines.append(f"truncated: {self.truncated}")
+        lines += [f"warning: {warning}" for warning in self.warnings()]
         for split, count in self.examples.items():
             lines.append(f"{split}: {count} examples")
             if self.lengths.get(split):
@@ -101,6 +137,8 @@ def drop_bad_records(
     if isinstance(ds, IterableDataset):
 
         def keep(row: dict[str, Any]) -> bool:
+            for key in row.get("_ignored") or []:
+                report.ignored[(row["_file"], key)] += 1
             if row["_error"] is None:
                 return True
             if row["_reason"] == "blank":
@@ -115,7 +153,13 @@ def drop_bad_records(
                 report.first_errors.append(str(build_data_error(row)))
             return False
 
-        return ds.filter(keep).remove_columns(list(PRIVATE_COLUMNS))
+        # Tokenized streaming rows have no declared features: they carry the error columns but never `_ignored`.
+        names = ds.column_names if ds.column_names is not None else PRIVATE_COLUMNS[:3]
+        return ds.filter(keep).remove_columns([c for c in PRIVATE_COLUMNS if c in names])
+    if "_ignored" in ds.column_names:
+        for file, keys in zip(read_column(ds, "_file"), read_column(ds, "_ignored")):
+            for key in keys or []:
+                report.ignored[(file, key)] += 1
     reasons = read_column(ds, "_reason")
     bad = [i for i, reason in enumerate(reasons) if reason is not None]
     if bad:
@@ -131,7 +175,7 @@ def drop_bad_records(
         report.first_errors.extend(str(build_data_error(ds[i])) for i in real[: max(0, 5 - len(report.first_errors))])
         bad_set = set(bad)
         ds = ds.select([i for i in range(len(ds)) if i not in bad_set])
-    return ds.remove_columns(list(PRIVATE_COLUMNS))
+    return ds.remove_columns([c for c in PRIVATE_COLUMNS if c in ds.column_names])
 
 
 def build_example_hash(row: dict[str, Any], columns: list[str]) -> str:
@@ -149,6 +193,8 @@ def hash_batch(batch: dict[str, list], columns: list[str]) -> dict[str, list]:
 def add_hashes(ds: Dataset, num_proc: int = 1) -> Dataset:
     """Add a `_hash` column of the content columns."""
     columns = [c for c in ds.column_names if not c.startswith("_")]
+    if len(ds) == 0:
+        return ds.add_column("_hash", [])
     return ds.map(hash_batch, batched=True, fn_kwargs={"columns": columns}, num_proc=num_proc, desc="Hashing")
 
 

@@ -154,7 +154,10 @@ def build_data(
     recipe = DataRecipe.from_dict({**config.data, "task": task})
     if len(tokenizer) > vocab_size:
         raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
-    splits, _ = build_datasets(recipe, tokenizer)
+    splits, report = build_datasets(recipe, tokenizer)
+    if is_main_process():
+        for warning in report.warnings():
+            print(f"data: warning: {warning}", file=sys.stderr)
     return splits["train"], splits.get("eval")
 
 

@@ -5,16 +5,16 @@ import pandas as pd
 import pytest
 
 from data_tools.errors import DataError
-from data_tools.formats import detect_format, to_canonical
+from data_tools.formats import TASK_KINDS, FormatOptions, detect_format, resolve_kind, to_canonical
 from data_tools.pipeline import DataRecipe, build_datasets
 from data_tools.sources import SourceSpec, load_source
 from data_tools.validate import DataReport, drop_bad_records
 
 CANONICAL = {
     "messages": [
-        {"role": "system", "content": "Be brief.", "tool_calls": None},
-        {"role": "user", "content": "What is 2 + 3?", "tool_calls": None},
-        {"role": "assistant", "content": "5", "tool_calls": None},
+        {"role": "system", "content": "Be brief.", "tool_calls": None, "train": None},
+        {"role": "user", "content": "What is 2 + 3?", "tool_calls": None, "train": None},
+        {"role": "assistant", "content": "5", "tool_calls": None, "train": None},
     ]
 }
 RECORDS = {
@@ -46,9 +46,9 @@ def test_every_chat_format_gives_the_same_canonical_example(fmt):
 
 def test_preference_forms_agree():
     expected = {
-        "prompt": [{"role": "user", "content": "2+2?", "tool_calls": None}],
-        "chosen": [{"role": "assistant", "content": "4", "tool_calls": None}],
-        "rejected": [{"role": "assistant", "content": "5", "tool_calls": None}],
+        "prompt": [{"role": "user", "content": "2+2?", "tool_calls": None, "train": None}],
+        "chosen": [{"role": "assistant", "content": "4", "tool_calls": None, "train": None}],
+        "rejected": [{"role": "assistant", "content": "5", "tool_calls": None, "train": None}],
     }
     strings = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
     lists = {k: v for k, v in expected.items()}
@@ -56,14 +56,25 @@ def test_preference_forms_agree():
         "chosen": expected["prompt"] + expected["chosen"],
         "rejected": expected["prompt"] + expected["rejected"],
     }
-    for record in (strings, lists, implicit):
+    for record in (lists, implicit):
         assert detect_format(record) == "preference"
+        assert resolve_kind("preference", record, TASK_KINDS["dpo"], FormatOptions()) == "preference"
         assert to_canonical(record, "preference") == expected
+    # Plain strings are trl's standard type (raw text), unless the source asks for the chat template.
+    assert resolve_kind("preference", strings, TASK_KINDS["dpo"], FormatOptions()) == "text_preference"
+    assert to_canonical(strings, "preference", "text_preference") == strings
+    assert resolve_kind("preference", strings, TASK_KINDS["dpo"], FormatOptions(as_chat=True)) == "preference"
+    assert to_canonical(strings, "preference", "preference", FormatOptions(as_chat=True)) == expected
 
 
 def test_kto_and_text_and_tool_calls():
-    kto = to_canonical({"prompt": "q", "completion": "a", "label": 1}, "kto")
+    kto = to_canonical({"prompt": "q", "completion": "a", "label": 1}, "kto", "kto", FormatOptions(as_chat=True))
     assert kto["label"] is True and kto["completion"][0]["role"] == "assistant"
+    assert to_canonical({"prompt": "q", "completion": "a", "label": 0}, "kto", "text_kto") == {
+        "prompt": "q",
+        "completion": "a",
+        "label": False,
+    }
     assert to_canonical({"text": "raw"}, detect_format({"text": "raw"})) == {"text": "raw"}
     record = {
         "messages": [

@@ -40,7 +40,10 @@ def test_mixture_honours_weights_dedup_and_split(tmp_path, tokenizer):
     for name, records in (("a", rows("a", 40)), ("b", rows("b", 20) + rows("b", 5))):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     recipe = DataRecipe(
-        sources=[SourceSpec(str(tmp_path / "a.jsonl"), weight=0.5), SourceSpec(str(tmp_path / "b.jsonl"), weight=2.0)],
+        sources=[
+            SourceSpec(str(tmp_path / "a.jsonl"), weight=0.5, as_chat=True),
+            SourceSpec(str(tmp_path / "b.jsonl"), weight=2.0, as_chat=True),
+        ],
         pack=False,
         max_length=64,
     )

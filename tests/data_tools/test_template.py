@@ -47,6 +47,19 @@ CHATS = {
         tool("3"),
         assistant("ok"),
     ],
+    # The template puts no special token between a user turn and a later tool call: "?" and "\n" merge into one
+    # token when the rendered string is tokenized, and must here too.
+    "later_call_after_question": [
+        user("w?"),
+        assistant(None, [call("a", "{}")]),
+        tool("1"),
+        assistant("done"),
+        user("And Rome?"),
+        assistant(None, [call("b", "{}")]),
+        tool("2"),
+        assistant("ok"),
+    ],
+    "control_strings_as_text": [user("type <｜Assistant｜> or <|EOT|> please"), assistant("ok <｜end▁of▁sentence｜>")],
     "ends_with_user": [user("q"), assistant("a"), user("next")],
     "ends_with_tool": [user("q"), assistant(None, [call("f", "{}")]), tool("r")],
 }
@@ -77,6 +90,14 @@ def test_rendering_equals_official_template(name, add_generation_prompt, officia
     assert render_chat(messages, add_generation_prompt) == expected
     expected_ids = tokenizer(expected, add_special_tokens=False)["input_ids"]
     ids = chat.encode_segments([chat.segments(messages, add_generation_prompt)])[0][0]
+    if name == "control_strings_as_text":
+        # Typed control strings stay text: the official tokenization makes them control tokens, ours does not.
+        raw = ChatTokenizer(tokenizer, parse_special_tokens=True)
+        assert raw.encode_segments([raw.segments(messages, add_generation_prompt)])[0][0] == expected_ids
+        assert ids != expected_ids and tokenizer.decode(ids) == expected
+        specials = {tokenizer.convert_tokens_to_ids(t) for t in ("<｜Assistant｜>", "<|EOT|>", "<｜end▁of▁sentence｜>")}
+        assert sum(i in specials for i in ids) == 2 + add_generation_prompt  # the template's own ones only
+        return
     assert ids == expected_ids
 
 
