@@ -33,7 +33,7 @@ class DataReport:
 
     def summary_of_losses(self) -> str:
         """What removed the records, in one phrase."""
-        parts = [f"{sum(self.records.values())} records read"]
+        parts = [f"{sum(self.records.values()) + sum(self.skipped.values())} records read"]
         if self.skipped:
             parts.append(f"skipped {dict(self.skipped)}")
         if self.dropped:
