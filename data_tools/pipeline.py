@@ -12,6 +12,7 @@ A data recipe is YAML (a top-level `data:` section of a training recipe works to
 
 import difflib
 import json
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,8 @@ def tokenize_examples(
             "num_proc": recipe.num_proc if use_proc else None,
             "desc": f"Tokenizing {split}",
             "load_from_cache_file": False,  # see sources.map_options
+            # Never read from the cache, so no need to hash the tokenizer (twice 8 MB) into a fingerprint.
+            "new_fingerprint": uuid.uuid4().hex,
         }
     ds = ds.map(function, batched=True, fn_kwargs=kwargs, remove_columns=content, **options)
     drop = frozenset({"no_target"} | ({"too_long"} if recipe.on_too_long == "drop" else set()))

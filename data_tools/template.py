@@ -209,34 +209,51 @@ class ChatTokenizer:
         Adjacent text segments (the official template puts no special token between a user turn and a later tool
         call) are encoded together, as tokenizing the rendered string does; a token that spans trained and
         untrained text is not trained."""
-        runs_of = [merge_text_runs(segments) for segments in batch]
-        texts = [run for runs in runs_of for run in runs if not isinstance(run, Segment)]
-        plain_texts = [r.text if len(r.parts) == 1 else "".join(p.text for p in r.parts) for r in texts]
-        encoded = iter(self.encode_texts(plain_texts))
+        texts: list[str] = []
+        plans = []
+        for segments in batch:
+            plan = []  # (special id or None, trained flag or None when mixed, the joined parts when mixed)
+            i, n = 0, len(segments)
+            while i < n:
+                segment = segments[i]
+                if segment.special:
+                    plan.append((self.special_ids[segment.text], segment.trained, None))
+                    i += 1
+                    continue
+                j = i + 1
+                while j < n and not segments[j].special:
+                    j += 1
+                if j == i + 1:
+                    texts.append(segment.text)
+                    plan.append((None, segment.trained, None))
+                else:
+                    parts = segments[i:j]
+                    texts.append("".join(p.text for p in parts))
+                    same = all(p.trained == segment.trained for p in parts)
+                    plan.append((None, segment.trained if same else None, None if same else parts))
+                i = j
+            plans.append(plan)
+        encoded = iter(self.encode_texts(texts))
         results = []
-        for runs in runs_of:
+        for plan in plans:
             ids: list[int] = []
             trained: list[bool] = []
-            for run in runs:
-                if isinstance(run, Segment):
-                    ids.append(self.special_ids[run.text])
-                    trained.append(run.trained)
+            for special_id, flag, parts in plan:
+                if special_id is not None:
+                    ids.append(special_id)
+                    trained.append(flag)
                     continue
                 piece = next(encoded)
                 ids.extend(piece)
-                flags = {p.trained for p in run.parts}
-                if len(flags) == 1:
-                    trained.extend([run.parts[0].trained] * len(piece))
-                else:
-                    trained.extend(self.mixed_flags(run))
+                trained.extend([flag] * len(piece) if flag is not None else self.mixed_flags(parts))
             results.append((ids, trained))
         return results
 
-    def mixed_flags(self, run: "TextRun") -> list[bool]:
-        """Per-token trained flags of a run joining trained and untrained text: a token is trained when every
-        character it covers is."""
-        text = "".join(p.text for p in run.parts)
-        chars = [p.trained for p in run.parts for _ in p.text]
+    def mixed_flags(self, parts: list[Segment]) -> list[bool]:
+        """Per-token trained flags of adjacent trained and untrained text: a token is trained when every character
+        it covers is."""
+        text = "".join(p.text for p in parts)
+        chars = [p.trained for p in parts for _ in p.text]
         encoding = (self.text_backend or self.backend).encode(text, add_special_tokens=False)
         return [all(chars[a:b]) if b > a else chars[min(a, len(chars) - 1)] for a, b in encoding.offsets]
 
@@ -283,29 +300,6 @@ class ChatTokenizer:
             start = next((i for i, t in enumerate(trained) if t), len(ids))
             results.append((ids[:start], ids[start:]))
         return results
-
-
-class TextRun(NamedTuple):
-    """Adjacent text segments, encoded as one string."""
-
-    parts: list[Segment]
-
-    @property
-    def text(self) -> str:
-        return "".join(p.text for p in self.parts)
-
-
-def merge_text_runs(segments: list[Segment]) -> list[Segment | TextRun]:
-    """Special-token segments as they are, and each run of adjacent text segments as one TextRun."""
-    runs: list[Segment | TextRun] = []
-    for segment in segments:
-        if segment.special:
-            runs.append(segment)
-        elif runs and isinstance(runs[-1], TextRun):
-            runs[-1].parts.append(segment)
-        else:
-            runs.append(TextRun([segment]))
-    return runs
 
 
 FACTS: dict[int, tuple[Any, "re.Pattern | None", int]] = {}  # id(tokenizer) -> (tokenizer kept alive, facts...)
