@@ -135,10 +135,42 @@ class MoETrainerMixin:
         self.expert_load = ExpertLoadTracker(base, gamma=router_bias_gamma if update else 0.0)
         self.add_callback(self.expert_load.callback())
         self._extra_losses: dict[str, list[float]] = {}
+        self._step_losses: dict[str, float] = {}
+        self._steps_since_log = 0
+        trainer = self
+
+        class CountSteps(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                trainer._steps_since_log += 1
+
+        self.add_callback(CountSteps())
 
     def record_extra(self, name: str, value: torch.Tensor | None) -> None:
+        """A per-micro-batch mean loss, logged as the mean of its values (preference trainers: transformers divides
+        their whole loss by the accumulation steps, so each value is already a mean)."""
         if value is not None and self.model.training:
             self._extra_losses.setdefault(name, []).append(float(value.detach()))
+
+    def record_step(self, name: str, value: torch.Tensor | None) -> None:
+        """A micro-batch's share of the optimizer step's value of a loss: summed over the step, then logged as the
+        mean over the logged steps and over ranks."""
+        if value is not None and self.model.training:
+            self._step_losses[name] = self._step_losses.get(name, 0.0) + float(value.detach())
+
+    def step_losses(self) -> dict[str, float]:
+        """The per-step losses since the last log, averaged over those steps and over ranks (a collective: every
+        rank logs)."""
+        steps = max(1, self._steps_since_log)
+        names = sorted(self._step_losses)
+        if self.accelerator.num_processes > 1:
+            # Every rank records the same names (the model's losses are on or off for all).
+            values = torch.tensor([self._step_losses[n] for n in names], dtype=torch.float64, device=self.args.device)
+            values = self.accelerator.reduce(values, reduction="mean") if names else values
+            totals = dict(zip(names, values.tolist()))
+        else:
+            totals = dict(self._step_losses)
+        self._step_losses, self._steps_since_log = {}, 0
+        return {name: value / steps for name, value in totals.items()}
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf training loss before it reaches the weights.
@@ -227,6 +259,7 @@ class MoETrainerMixin:
             for name, values in self._extra_losses.items():
                 logs[name] = sum(values) / len(values)
             self._extra_losses = {}
+            logs.update(self.step_losses())
             logs.update(self.expert_load.metrics())
             if hasattr(self, "_local_tokens"):
                 logs["num_tokens"] = self.count_tokens()
@@ -338,24 +371,38 @@ class DeepseekSFTTrainer(MoETrainerMixin, SFTTrainer):
         self.setup_moe(router_bias_gamma, router_bias_update)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss (lm + MTP + balance), scaled so that the step's gradient and the logged losses do not
+        depend on how its rows are split into micro-batches and processes.
+
+        With num_items_in_batch (the step's label count: all micro-batches, all ranks when
+        average_tokens_across_devices) the LM and MTP terms are sums over this micro-batch's tokens divided by the
+        step's count, and transformers does not divide by the accumulation steps: those terms add up to the step's
+        token mean over the micro-batches, times the process count to undo the ranks' gradient average. The balance
+        loss is a mean over this micro-batch's sequences: it is divided by the micro-batches of the step (without
+        that, gradient accumulation multiplied alpha by its steps)."""
         kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in inputs}
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**kwargs, use_cache=False, return_logits=return_outputs)
         loss = outputs.loss
         self.check_finite(loss)
-        self.record_extra("lm_loss", outputs.lm_loss if outputs.mtp_loss is not None else None)
-        self.record_extra("mtp_loss", outputs.mtp_loss)
-        self.record_extra("balance_loss", outputs.balance_loss)
-        if self.model.training:
-            tokens = inputs["input_ids"].numel() if "attention_mask" not in inputs else inputs["attention_mask"].sum()
-            self._local_tokens += int(tokens)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
-            # The LM and MTP terms are sums over this rank's tokens divided by the global token count: scaled by
-            # the process count, the gradient average across ranks gives the global mean. The balance loss is
-            # already a per-rank mean and must not be scaled.
-            balance = outputs.balance_loss if outputs.balance_loss is not None else 0.0
-            loss = (loss - balance) * self.accelerator.num_processes + balance
+        if not self.model.training:
+            return (loss, outputs) if return_outputs else loss
+        tokens = inputs["input_ids"].numel() if "attention_mask" not in inputs else inputs["attention_mask"].sum()
+        self._local_tokens += int(tokens)
+        window = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+        summed = "num_items_in_batch" in kwargs  # else transformers divides the whole loss by the window
+        ranks = self.accelerator.num_processes if summed and self.args.average_tokens_across_devices else 1
+        token_scale = ranks if summed else 1 / window
+        balance = outputs.balance_loss
+        if summed:
+            token_part = loss - balance if balance is not None else loss
+            loss = token_part * ranks + (balance / window if balance is not None else 0.0)
+        # What this micro-batch adds to the step's value of each loss (summed over the step's micro-batches and
+        # averaged over ranks when logged): lm and MTP as token means of the step, balance as its sequence mean.
+        self.record_step("lm_loss", outputs.lm_loss * token_scale if outputs.mtp_loss is not None else None)
+        self.record_step("mtp_loss", outputs.mtp_loss * token_scale if outputs.mtp_loss is not None else None)
+        self.record_step("balance_loss", balance / window if balance is not None else None)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -60,9 +60,7 @@ def write_recipe(folder: Path, inputs: dict[str, Path], task: str, **extra) -> P
         "max_steps": STEPS,
         "per_device_train_batch_size": 2,
         "mtp_loss_weight": 0.3,
-        # balance_loss_alpha stays 0: DeepseekSFTTrainer.compute_loss multiplies the whole loss by num_processes
-        # (right for the token-summed LM/MTP terms, not for the per-rank mean balance loss, which comes out
-        # world_size times too strong: 2.3e-5 relative at step 1 here).
+        # balance_loss_alpha stays 0 here; test_split_invariance.py runs the balance loss across splits and ranks.
         "router_bias_gamma": 0.01,
         # AdamW's update g / (sqrt(v) + eps) turns summation-order noise in a gradient near eps (1e-8) into a
         # visible weight difference (one eh_proj element 5.6e-5 apart after 4 steps with eps 1e-8): a larger eps
