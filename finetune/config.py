@@ -60,6 +60,22 @@ class ModelFields:
         default_factory=dict, metadata={"help": "The data recipe (data_tools.pipeline.DataRecipe fields)."}
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    fp8_base: str = field(
+        default="auto",
+        metadata={
+            "help": "An FP8 checkpoint's weights: keep (frozen FP8 modules, 1 byte a weight), dequantize (to "
+            "torch_dtype, trainable), or auto: keep under LoRA (the base is frozen), dequantize for full "
+            "fine-tuning (every weight trains)."
+        },
+    )
+    fp8_training: str = field(
+        default="none",
+        metadata={
+            "help": "FP8 forward (block-scaled e4m3 GEMMs, master weights kept in torch_dtype) for the trained "
+            "weights: none, experts (the routed experts) or all (attention, dense, shared and routed experts); "
+            "full fine-tuning only."
+        },
+    )
     lora_preset: str = field(
         default="both",
         metadata={"help": "Modules that get adapters: attention, shared_experts or both (attention + shared experts)."},
@@ -382,6 +398,15 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
         raise RecipeError(f"{source}: torch_dtype must be float32 or bfloat16, got {merged['torch_dtype']!r}")
     if merged.get("lora_trainable_tokens") and not merged.get("use_lora"):
         raise RecipeError(f"{source}: lora_trainable_tokens needs use_lora: true (full fine-tuning trains every row)")
+    if merged.get("fp8_base", "auto") not in ("auto", "keep", "dequantize"):
+        raise RecipeError(f"{source}: fp8_base must be auto, keep or dequantize, got {merged['fp8_base']!r}")
+    if merged.get("fp8_training", "none") not in ("none", "experts", "all"):
+        raise RecipeError(f"{source}: fp8_training must be none, experts or all, got {merged['fp8_training']!r}")
+    if merged.get("fp8_training", "none") != "none" and merged.get("use_lora"):
+        raise RecipeError(
+            f"{source}: fp8_training applies to fully trained weights; with use_lora the frozen base already runs "
+            "in FP8 (fp8_base: keep)"
+        )
     if merged.get("router_bias_update", "auto") not in ("auto", "always", "never"):
         raise RecipeError(f"{source}: router_bias_update must be auto, always or never")
     try:

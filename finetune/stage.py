@@ -22,6 +22,7 @@ from data_tools import DataCollator, DataRecipe, build_datasets, load_tokenizer
 from data_tools.tokenizer import TOKENIZER_FILES
 from model import CheckpointError, DeepseekV3Config, DeepseekV3ForCausalLM, load_config
 from model.checkpoint import has_mtp_tensors, list_checkpoint_files
+from model.fp8 import FP8_GROUPS, apply_fp8_training
 
 from .config import RecipeError, load_stage_config
 from .export import ExportError, read_header
@@ -128,13 +129,49 @@ def build_model(config: Any) -> DeepseekV3ForCausalLM:
             moe.gate.float()
         if groups is not None:
             apply_expert_parallel(model, groups)
-    elif groups is not None:
-        model, _ = load_expert_parallel(DeepseekV3ForCausalLM, name, groups, dtype=dtype, config=model_config)
     else:
-        return DeepseekV3ForCausalLM.from_pretrained(name, config=model_config, torch_dtype=dtype, progress=False)
+        fp8 = fp8_base_mode(config, name, model_config)
+        if groups is not None:
+            model, _ = load_expert_parallel(
+                DeepseekV3ForCausalLM, name, groups, dtype=dtype, config=model_config, fp8=fp8
+            )
+        else:
+            model = DeepseekV3ForCausalLM.from_pretrained(
+                name, config=model_config, torch_dtype=dtype, progress=False, fp8=fp8
+            )
     if groups is not None:
         model.expert_parallel_groups = groups
+    apply_fp8_forward(model, config)
     return model
+
+
+def fp8_base_mode(config: Any, name: str, model_config: Any) -> str:
+    """How an FP8 checkpoint loads: frozen FP8 modules under LoRA, dequantized to torch_dtype for full fine-tuning
+    (a full run on frozen FP8 modules trained only the norms, embeddings, head and routers); said in one line."""
+    mode = config.fp8_base
+    if mode == "auto":
+        mode = "keep" if config.use_lora else "dequantize"
+    if getattr(model_config, "quantization_config", None) and is_main_process():
+        what = (
+            "kept FP8 and frozen (1 byte a weight)"
+            if mode == "keep"
+            else f"dequantized to {config.torch_dtype} and trained"
+        )
+        print(f"fp8: {name} is an FP8 checkpoint; its quantized weights are {what} (fp8_base: {mode})", file=sys.stderr)
+    return mode
+
+
+def apply_fp8_forward(model: DeepseekV3ForCausalLM, config: Any) -> None:
+    """fp8_training: an FP8 forward for the chosen trainable weights (model.fp8.apply_fp8_training)."""
+    if config.fp8_training == "none":
+        return
+    groups = ("experts",) if config.fp8_training == "experts" else FP8_GROUPS
+    changed = apply_fp8_training(model, groups)
+    if is_main_process():
+        print(
+            f"fp8: FP8 forward for {len(changed)} trained modules (fp8_training: {config.fp8_training})",
+            file=sys.stderr,
+        )
 
 
 def build_tokenizer(config: Any) -> PreTrainedTokenizerBase:
