@@ -25,11 +25,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+# Ask data-dependent questions (is the batch packed? padded?) on the host when tensors are on the CPU. Tests set it
+# False to run the accelerator's path, which never asks, on a CPU.
+HOST_CHECKS_ON_CPU = True
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     query_len: int,
     past_len: int,
+    given_positions: bool = True,
 ) -> torch.Tensor | None:
     """Boolean mask [B, 1, S, past + S] (True = attend), or None when plain causal attention suffices.
 
@@ -37,11 +43,18 @@ def build_attention_mask(
     packed samples, recognised by position_ids that do not continue by +1 (each sample restarts at 0): a token
     attends only within its own run. Padding query rows that would see no key at all attend to themselves,
     so no row of the softmax is empty (an empty row is NaN, and NaN * 0 would leak into real tokens).
+
+    Whether a batch is packed or padded is a data-dependent question: on the CPU it is asked (free there, and plain
+    causal attention is SDPA's fastest path); on an accelerator it would stall the stream once a forward, so the
+    mask is built whenever the caller gave position_ids (packed rows) or an attention_mask, without asking.
     """
+    on_host = position_ids.device.type == "cpu" and HOST_CHECKS_ON_CPU
     packed = False
-    if past_len == 0 and query_len > 1:
-        packed = bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
-    padded = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
+    if past_len == 0 and query_len > 1 and given_positions:
+        packed = bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any()) if on_host else True
+    padded = attention_mask is not None and attention_mask.dim() == 2
+    if padded and on_host:
+        padded = not bool(attention_mask.all())
     if not packed and not padded and past_len == 0:
         return None
     device = position_ids.device

@@ -264,11 +264,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
+        given_positions = position_ids is not None
         if position_ids is None:
             position_ids = (torch.arange(seq, device=x.device) + past).unsqueeze(0).expand(bsz, -1)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, seq] of 0/1, got shape {tuple(attention_mask.shape)}")
-        mask = build_attention_mask(attention_mask, position_ids, seq, past)
+        mask = build_attention_mask(attention_mask, position_ids, seq, past, given_positions)
         token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for layer in self.layers:

@@ -157,22 +157,17 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> lis
     return changed
 
 
-def _sum_counts(module: MoE, args, output) -> None:
-    if module.expert_counts is not None:
-        dist.all_reduce(module.expert_counts, group=module.count_group)
-
-
 def apply_global_expert_counts(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Make every MoE layer's `expert_counts` the sum over all data-parallel ranks after each forward.
+    """Name the process group over which the router-bias update sums expert counts (default: every rank).
 
-    The aux-loss-free bias update (finetune.moe.ExpertLoadTracker) reads these counts: summed, they are the
-    counts of the global batch, so every rank applies the same update and the biases never drift apart. The
-    hook is prepended so that trackers registered before or after see the global counts.
+    The aux-loss-free bias update (finetune.moe.ExpertLoadTracker) sums each optimizer step's counts over this
+    group in one all_reduce: they are the global batch's counts, so every rank applies the same update and the
+    biases never drift apart. (It used to all_reduce every MoE layer's counts after every forward: about 58
+    collectives a micro-batch on the 671B model, and again in activation-checkpoint recompute.)
     """
     for module in model.modules():
         if isinstance(module, MoE) and not hasattr(module, "count_group"):
             module.count_group = group
-            module.register_forward_hook(_sum_counts, prepend=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from finetune.parallel import (
     ParallelConfigError,
-    apply_global_expert_counts,
     build_expert_parallel_groups,
     check_ep_size,
     load_expert_parallel,
@@ -59,7 +58,6 @@ def ep_worker(rank: int, world: int, path: Path, out: Path, ep_size: int) -> Non
     model, stats = load_expert_parallel(
         DeepseekV3ForCausalLM, path, groups, dtype=torch.float32, config=training_config(path)
     )
-    apply_global_expert_counts(model)
     rows = batch(world).chunk(world)[rank]
     results = {"stats": stats}
     for case in ("plain", "skewed"):
@@ -75,7 +73,9 @@ def ep_worker(rank: int, world: int, path: Path, out: Path, ep_size: int) -> Non
             # tokens routed to them (all_to_all backward): sum over the ranks holding the same experts only.
             dist.all_reduce(param.grad, group=groups.edp_group if expert else None)
             grads[name] = param.grad.clone()
-        results[case] = {"logits": output.logits.detach(), "grads": grads, "counts": model.expert_counts()}
+        counts = model.expert_counts()  # this rank's tokens; the trainers sum them once per optimizer step
+        dist.all_reduce(counts)
+        results[case] = {"logits": output.logits.detach(), "grads": grads, "counts": counts}
     results["offsets"] = {n: m.expert_offset for n, m in model.named_modules() if isinstance(m, ExpertParallelMixin)}
     torch.save(results, out / f"rank{rank}.pt")
     save_consolidated(model, out / "consolidated", groups, max_shard_size="100KB")
@@ -143,3 +143,48 @@ def test_ep_size_errors_are_one_sentence() -> None:
         check_ep_size(4, 8, 6)
     with pytest.raises(ParallelConfigError, match="launch with torchrun"):
         build_expert_parallel_groups(2)
+
+
+def collectives_worker(rank: int, world: int, path: Path, out: Path) -> None:
+    from finetune.moe import ExpertLoadTracker
+
+    groups = build_expert_parallel_groups(2)
+    model, _ = load_expert_parallel(
+        DeepseekV3ForCausalLM, path, groups, dtype=torch.float32, config=training_config(path)
+    )
+    model.train()
+    tracker = ExpertLoadTracker(model, gamma=0.01)
+    calls = {"forward": 0, "step": 0}
+    phase = ["forward"]
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls[phase[0]] += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        for step in range(2):
+            rows = batch(world, seed=10 + step).chunk(world)[rank]
+            for micro in rows.chunk(2):  # two micro-batches a step
+                phase[0] = "forward"
+                model(input_ids=micro, labels=micro).loss.backward()
+            phase[0] = "step"
+            tracker.update_bias()
+    finally:
+        dist.all_reduce = all_reduce
+    biases = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()])
+    torch.save({"calls": calls, "biases": biases, "reductions": tracker.reductions}, out / f"calls{rank}.pt")
+
+
+def test_expert_counts_take_one_collective_per_optimizer_step(tmp_path: Path) -> None:
+    """#16 item 5: no all_reduce inside the forward passes (the count hook issued one per MoE layer per forward);
+    one per optimizer step, after which every rank holds the same router biases."""
+    path = tmp_path / "ckpt"
+    write_tiny_checkpoint(path)
+    check_ranks(collectives_worker, 2, path, tmp_path)
+    results = [torch.load(tmp_path / f"calls{rank}.pt") for rank in range(2)]
+    for result in results:
+        assert result["calls"] == {"forward": 0, "step": 2} and result["reductions"] == 2
+    assert results[0]["biases"].abs().sum() > 0
+    torch.testing.assert_close(results[0]["biases"], results[1]["biases"], rtol=0, atol=0)

@@ -140,7 +140,8 @@ def memory_worker(rank: int, world: int, path: Path, out: Path, lora: bool) -> N
             engine.backward(engine(input_ids=rows, labels=rows).loss)
             engine.step()
     hook.remove()
-    counts = base.expert_counts().float()  # summed over ranks: the global batch's load
+    counts = base.expert_counts().float()
+    torch.distributed.all_reduce(counts)  # summed over ranks: the global batch's load
     padding = float((counts.max(-1).values / counts.mean(-1)).mean())
     peak = {"peak": heap.peak, "after_init": after_init, "end": heap.sample(), "padding": padding}
     torch.save(peak, out / f"peak-{int(lora)}-rank{rank}.pt")
