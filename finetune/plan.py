@@ -1,6 +1,6 @@
 """Per-GPU memory of a recipe under ZeRO-3 + expert parallelism, and the smallest GPU count that fits.
 
-    python -m finetune.plan --config recipes/deepseek-v3-671b/sft/lora-fp8.yaml --gpus 8 --gpu-mem 141
+    python -m finetune.plan --config recipes/deepseek-v3-671b/sft/lora.yaml --gpus 8 --gpu-mem 141
 
 The layout is the one finetune.parallel builds: routed experts split over ep_size ranks (default: as many as
 divide both the GPU count and the experts), trainable expert tensors partitioned over their expert-data-parallel
@@ -264,6 +264,43 @@ def find_model_config(recipe_path: Path, recipe: dict) -> Any:
     return config
 
 
+def fp8_base_mode(recipe: dict) -> str:
+    """The stage's fp8_base for this recipe: auto keeps an FP8 checkpoint frozen FP8 under LoRA, else dequantizes."""
+    mode = str(recipe.get("fp8_base", "auto"))
+    return ("keep" if recipe.get("use_lora") else "dequantize") if mode == "auto" else mode
+
+
+def host_load_bytes(config: Any, layout: Layout) -> float:
+    """Host memory one rank holds right after loading: its routed experts (1/ep_size of them) and every other weight
+    (each rank builds them whole before DeepSpeed partitions them), at the load dtype; FP8 kept is 1 byte a weight."""
+    census = count_params(config, layout)
+    weight = 1 + FP8_SCALE_BYTES if layout.fp8_base else layout.param_bytes
+    return census.experts / layout.ep_size * weight + census.fp8_able * weight + census.other * layout.param_bytes
+
+
+# What to change when a component dominates a plan that does not fit (a prefix of the component's name -> advice).
+ADVICE = {
+    "weights: routed experts": "a larger ep_size (more GPUs per expert group), or an FP8 base (fp8_base: keep, LoRA)",
+    "weights: attention/shared/dense": "an FP8 base, or full ZeRO-3 partitioning of these weights (more GPUs)",
+    "weights": "more GPUs (ZeRO-3 partitions these over all ranks)",
+    "gradients": "LoRA (use_lora: true) or more GPUs",
+    "optimizer": "LoRA (use_lora: true), or more GPUs to partition the AdamW states",
+    "activations: logits": "a shorter data.max_length or per_device_train_batch_size 1",
+    "activations": "activation_checkpointing: true, a shorter data.max_length or a smaller micro-batch",
+    "comm": "smaller ZeRO-3 buckets (reduce_bucket_size / stage3_prefetch_bucket_size)",
+    "runtime": "nothing: this is the CUDA context and NCCL",
+}
+
+
+def advise(plan: Plan, count: int = 3) -> list[str]:
+    """The largest components of a plan and what would shrink each."""
+    lines = []
+    for key, value in sorted(plan.parts.items(), key=lambda item: -item[1])[:count]:
+        advice = next((a for prefix, a in ADVICE.items() if key.startswith(prefix)), "more GPUs")
+        lines.append(f"  {key}: {value / GIB:.1f} GiB ({value / plan.total:.0%}) -> {advice}")
+    return lines
+
+
 def layout_from_recipe(recipe: dict, config: Any, gpus: int, ep_size: int | None = None) -> Layout:
     """Read the memory-relevant fields of a stage recipe (SFT, CPT or DPO)."""
     data = recipe.get("data") or {}
@@ -281,7 +318,7 @@ def layout_from_recipe(recipe: dict, config: Any, gpus: int, ep_size: int | None
         lora_r=int(recipe.get("lora_r", 16)),
         lora_preset=str(recipe.get("lora_preset", "both")),
         lora_dense_mlp=bool(recipe.get("lora_dense_mlp", False)),
-        fp8_base=bool(quant) and recipe.get("fp8", "keep") == "keep",
+        fp8_base=bool(quant) and fp8_base_mode(recipe) == "keep",
         param_bytes=2 if bf16 else 4,
         activation_bytes=2 if bf16 else 4,
         activation_checkpointing=bool(
@@ -373,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     gpu_bytes = args.gpu_mem * 1e9
     plan = plan_memory(config, layout)
     print(format_plan(plan, gpu_bytes))
+    if plan.total > gpu_bytes * GPU_USABLE:
+        print("what dominates, and what would shrink it:")
+        print("\n".join(advise(plan)))
+    host = host_load_bytes(config, layout)
+    print(f"host memory at load: {host / GIB:.1f} GiB per rank, {host * min(8, layout.gpus) / GIB:.0f} GiB per 8-GPU node")
     best = smallest_fit(config, layout, gpu_bytes)
     if best is None:
         print(f"no GPU count up to 4096 fits in {args.gpu_mem:g} GB per GPU")

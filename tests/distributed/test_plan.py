@@ -4,6 +4,7 @@ live heap bytes, as a GPU's allocator would count them), and its verdict for the
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 from pathlib import Path
 
@@ -245,3 +246,29 @@ def test_plan_refuses_impossible_hardware_in_one_line(flag, value):
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"argument {flag}" in proc.stderr.strip().splitlines()[-1]
+
+
+RECIPES = sorted(
+    p for p in (Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml") if p.parent.name != "accelerate"
+)
+HARDWARE = re.compile(r"Hardware \(python -m finetune\.plan ([^)]*)\):(.*?)(\d+\.\d) GiB per GPU", re.S)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_every_shipped_recipe_is_planned_and_says_what_the_planner_says(path: Path, capsys) -> None:
+    """#16 item 8: each recipe's first line is its launch command and its hardware line is the planner's figure."""
+    text = path.read_text()
+    first = text.splitlines()[0]
+    assert first.startswith("# ") and " -m finetune." in first and str(path.relative_to(path.parents[2])) in first
+    header = "".join(line[2:] + " " for line in text.splitlines() if line.startswith("#"))
+    match = HARDWARE.search(header)
+    flags = match.group(1).split() if match else ["--gpus", "1", "--gpu-mem", "141"]
+    code = main(["--config", str(path), *flags])
+    out = capsys.readouterr().out
+    assert code == 0, out  # it fits where the recipe says
+    total = float(re.search(r"total per GPU\s+([\d.]+) GiB", out).group(1))
+    if match:
+        assert f"{total:.1f}" == match.group(3), (path, total)
+        host = re.search(r"host memory at load: ([\d.]+) GiB per rank", out).group(1)
+        if "Host memory at load" in header:
+            assert f"Host memory at load: {host} GiB per rank" in header, (path, host)
