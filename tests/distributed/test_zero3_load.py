@@ -1,0 +1,121 @@
+"""ZeRO-3 without expert parallelism loads per rank (#16 item 1): under deepspeed.zero.Init each rank allocates only its
+partition, and the checkpoint streams in module by module (rank 0 reads, DeepSpeed broadcasts and re-partitions).
+A 1 GB checkpoint on 2 and 4 gloo processes: the weights equal from_pretrained's, and each rank's peak resident
+memory during the load stays within its share of the model plus twice the largest tensor (the module being filled is
+whole on every rank, and zero.Init materialises each module whole once while building it; rank 0 also holds the
+tensor it read) plus a fixed 200 MB: far below the whole model that every rank used to hold."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from .launch import check_ranks
+
+# About 390M parameters (1.6 GB in fp32), most of them in 64 routed experts a layer; the largest tensors are the fused
+# expert weights of one layer (134 MB).
+CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1024,
+    moe_intermediate_size=512,
+    num_hidden_layers=7,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=128,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    n_routed_experts=64,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=512,
+    rope_scaling=None,
+)
+OVERHEAD = 200 * 2**20
+DS_CONFIG = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakRss:
+    """Resident memory sampled every 2 ms on a thread."""
+
+    def __init__(self):
+        self.peak = rss()
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, rss())
+            threading.Event().wait(0.002)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, rss())
+
+
+def load_worker(rank: int, world: int, path: Path, out: Path) -> None:
+    import deepspeed
+
+    from finetune.parallel.zero3 import load_zero3_partitioned
+    from model import load_config
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = load_config(path)
+    before = rss()
+    sampler = PeakRss()
+    model = load_zero3_partitioned(DeepseekV3ForCausalLM, path, config, torch.float32, DS_CONFIG, progress=False)
+    peak = sampler.stop() - before
+    held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+    sums = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            sums[name] = param.detach().double().sum().item()
+    torch.save({"peak": peak, "held": held, "sums": sums}, out / f"load{rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero3_loads_each_rank_its_partition(tmp_path: Path, world: int) -> None:
+    path = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG)).float()
+    model.save_pretrained(path, max_shard_size="200MB")
+    del model
+    reference = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, progress=False)
+    total = sum(p.numel() * 4 for p in reference.parameters())
+    largest = max(p.numel() * 4 for p in reference.parameters())
+    expected = {n: p.detach().double().sum().item() for n, p in reference.named_parameters()}
+    assert total > 1e9
+    del reference
+    check_ranks(load_worker, world, path, tmp_path, timeout=900)
+    for rank in range(world):
+        result = torch.load(tmp_path / f"load{rank}.pt")
+        assert result["sums"].keys() == expected.keys()
+        for name, value in expected.items():
+            assert result["sums"][name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+        assert result["held"] <= total / world * 1.01  # its partition only
+        bound = total / world + (3 if rank == 0 else 2) * largest + OVERHEAD
+        assert bound < total * (0.9 if world == 2 else 0.65)  # tells per-rank loading from holding the whole model
+        assert result["peak"] <= bound, (rank, result["peak"] / 2**20, bound / 2**20)
+        print(
+            f"world {world} rank {rank}: peak {result['peak'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, "
+            f"model {total / 2**20:.0f} MiB"
+        )
