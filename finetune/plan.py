@@ -414,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         print("what dominates, and what would shrink it:")
         print("\n".join(advise(plan)))
     host = host_load_bytes(config, layout)
-    print(f"host memory at load: {host / GIB:.1f} GiB per rank, {host * min(8, layout.gpus) / GIB:.0f} GiB per 8-GPU node")
+    print(
+        f"host memory at load: {host / GIB:.1f} GiB per rank, {host * min(8, layout.gpus) / GIB:.0f} GiB per 8-GPU node"
+    )
     best = smallest_fit(config, layout, gpu_bytes)
     if best is None:
         print(f"no GPU count up to 4096 fits in {args.gpu_mem:g} GB per GPU")

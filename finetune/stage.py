@@ -131,7 +131,10 @@ def build_model(config: Any) -> DeepseekV3ForCausalLM:
             apply_expert_parallel(model, groups)
     else:
         fp8 = fp8_base_mode(config, name, model_config)
-        if groups is not None:
+        quantized = bool(getattr(model_config, "quantization_config", None))
+        if groups is None and zero3_enabled(config) and not (quantized and fp8 == "keep"):
+            model = load_per_rank(name, model_config, dtype)
+        elif groups is not None:
             model, _ = load_expert_parallel(
                 DeepseekV3ForCausalLM, name, groups, dtype=dtype, config=model_config, fp8=fp8
             )
@@ -143,6 +146,26 @@ def build_model(config: Any) -> DeepseekV3ForCausalLM:
         model.expert_parallel_groups = groups
     apply_fp8_forward(model, config)
     return model
+
+
+def load_per_rank(name: str, model_config: Any, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
+    """ZeRO-3 without expert parallelism: every rank builds and keeps only its partition (deepspeed.zero.Init) and the
+    checkpoint streams in module by module (finetune.parallel.zero3.load_zero3_partitioned)."""
+    import deepspeed
+
+    from .parallel.zero3 import load_zero3_partitioned
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if is_main_process():
+        print(f"zero3: each rank loads its partition of {name} (deepspeed.zero.Init)", file=sys.stderr)
+    # Only how to partition: the rest of the DeepSpeed config (batch sizes, "auto" buckets) is the engine's business.
+    ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    try:
+        return load_zero3_partitioned(
+            DeepseekV3ForCausalLM, name, model_config, dtype, ds_config, progress=is_main_process()
+        )
+    except CheckpointError as err:
+        raise RecipeError(str(err)) from None
 
 
 def fp8_base_mode(config: Any, name: str, model_config: Any) -> str:

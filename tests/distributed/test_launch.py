@@ -148,6 +148,21 @@ def test_cpt_zero3_launch_equals_one_process(inputs, tmp_path):
 
 
 @pytest.mark.slow
+def test_cpt_zero3_launch_from_a_checkpoint_loads_per_rank_and_equals_one_process(inputs, tmp_path):
+    """#16 item 1: from a checkpoint under ZeRO-3 each rank builds only its partition (deepspeed.zero.Init) and the
+    weights stream in; the run equals one process from the same checkpoint."""
+    from .common import write_tiny_checkpoint
+
+    checkpoint = tmp_path / "base"
+    write_tiny_checkpoint(checkpoint, num_hidden_layers=2)
+    recipe = write_recipe(tmp_path, inputs, "cpt", model_name_or_path=str(checkpoint), model_overrides={})
+    cpt.main(["--config", str(recipe), f"output_dir={tmp_path / 'single'}", "per_device_train_batch_size=4"])
+    stderr = launch("recipes/accelerate/zero3.yaml", "cpt", recipe, tmp_path / "zero3", ep_size=None)
+    assert "zero3: each rank loads its partition of" in stderr
+    check_same_run(tmp_path / "zero3", tmp_path / "single")
+
+
+@pytest.mark.slow
 def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(sft_launched, tmp_path):
     """Every rank killed (SIGKILL) in step 3, after checkpoint-2 (DeepSpeed's ZeRO-3 + EP states, the HF folder, each
     rank's RNG state) was saved; the relaunch resumes from it and logs steps 3-4 and saves the final checkpoint exactly
