@@ -14,6 +14,8 @@ STAGES = {
     "cpo": "reference-free preference optimisation: CPO and SimPO (loss_type=simpo)",
     "orpo": "ORPO: SFT and preference in one stage, no reference model",
     "cpt": "continued pre-training on a domain corpus (domain adaptation)",
+    "esft_select": "score the routed experts on a domain's data and write ESFT's expert config",
+    "esft": "expert-specialised fine-tuning: train only the experts an expert config selects",
     "chat": "talk to a checkpoint (base, merged, or base + adapter) in the terminal",
     "evaluate": "exact-match accuracy on held-out chat questions and preference accuracy",
     "demo": "the Base -> SFT -> DPO -> Chat demo on the CPU (make demo)",

@@ -145,6 +145,19 @@ class SFTStageConfig(StageDefaults, ModelFields, SFTConfig):
 
 
 @dataclass
+class ESFTStageConfig(StageDefaults, ModelFields, SFTConfig):
+    """Expert-specialised fine-tuning (ESFT): only the routed experts an expert config selects train."""
+
+    esft_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The expert config (ESFT's JSON: experts per layer, shared_experts, non_expert_modules), e.g. "
+            "written by python -m finetune.esft_select."
+        },
+    )
+
+
+@dataclass
 class CPTStageConfig(StageDefaults, ModelFields, SFTConfig):
     """Continued pre-training on a raw-text domain corpus (all tokens trained)."""
 

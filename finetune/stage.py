@@ -426,15 +426,27 @@ def loss_callbacks(config: Any) -> list:
     return [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
 
 
-def train_lm_stage(config_class: type, task: str, argv: list[str] | None, doc: str | None) -> None:
-    """sft and cpt: the same language-modelling run over data_tools' `task` (chats or raw text), full or LoRA."""
+def train_lm_stage(
+    config_class: type,
+    task: str,
+    argv: list[str] | None,
+    doc: str | None,
+    prepare_model: Any = None,
+    trainer_cls: type = DeepseekSFTTrainer,
+) -> None:
+    """sft and cpt: the same language-modelling run over data_tools' `task` (chats or raw text), full or LoRA.
+
+    `prepare_model(model, config)` runs after the model is built (ESFT freezes all but its experts there);
+    `trainer_cls` replaces DeepseekSFTTrainer with a subclass."""
     config = parse_stage_args(config_class, argv, task, doc)
     tokenizer = build_tokenizer(config)
     model = build_model(config)
+    if prepare_model is not None:
+        prepare_model(model, config)
     train, evaluation = build_data(config, task, tokenizer, model.config.vocab_size)
     if config.use_lora:
         model = apply_lora(model, config, tokenizer)
-    trainer = DeepseekSFTTrainer(
+    trainer = trainer_cls(
         model=model,
         args=config,
         train_dataset=train,

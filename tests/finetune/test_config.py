@@ -11,6 +11,7 @@ from finetune.config import (
     CPOStageConfig,
     CPTStageConfig,
     DPOStageConfig,
+    ESFTStageConfig,
     KTOStageConfig,
     ORPOStageConfig,
     RecipeError,
@@ -29,6 +30,7 @@ STAGE_CLASSES = {
     "kto": KTOStageConfig,
     "cpo": CPOStageConfig,
     "orpo": ORPOStageConfig,
+    "esft": ESFTStageConfig,
 }
 
 
