@@ -192,13 +192,16 @@ def apply_esft(model: nn.Module, config: dict) -> int:
             for param in fused:
                 param.requires_grad_(False)
             continue
+        # Expert parallelism: this rank holds experts [expert_offset, expert_offset + num_experts) of the layer.
+        offset = getattr(experts, "expert_offset", 0)
+        local = [e - offset for e in chosen if offset <= e < offset + experts.num_experts]
         keep = torch.zeros(experts.num_experts, dtype=torch.bool)
-        keep[chosen] = True
+        keep[local] = True
         for param in fused:
             param.requires_grad_(True)
             mask = keep.to(param.device).view(-1, *([1] * (param.dim() - 1)))
             param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
-            trained += param[0].numel() * len(chosen)
+            trained += param[0].numel() * len(local)
     if config["shared_experts"] and not config["non_expert_modules"]:
         trained += sum(
             p.numel() for m in layers.values() if m.shared_experts is not None for p in m.shared_experts.parameters()

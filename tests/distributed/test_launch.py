@@ -163,6 +163,28 @@ def test_cpt_zero3_launch_from_a_checkpoint_loads_per_rank_and_equals_one_proces
 
 
 @pytest.mark.slow
+def test_esft_expert_parallel_launch_equals_one_process(inputs, tmp_path):
+    """#22: ESFT under ZeRO-3 + EP 2 (each rank trains only the selected experts it holds) logs the same losses and
+    saves the same weights as one process; the unselected experts and the router keep their initial values."""
+    from finetune import esft
+
+    experts = tmp_path / "expert_cfg.json"
+    esft.write_expert_config(experts, {1: [0, 5], 2: [3, 6]})  # MoE layer 1 and the MTP layer (2)
+    recipe = write_recipe(tmp_path, inputs, "sft", esft_config=str(experts), router_bias_gamma=0.0)
+    esft.main(["--config", str(recipe), f"output_dir={tmp_path / 'single'}", "per_device_train_batch_size=4"])
+    stderr = launch(EP_CONFIG, "esft", recipe, tmp_path / "ep", ep_size=2)
+    assert "(2 ranks, ep_size=2)" in stderr and "esft: training 4 routed experts in 2 layers" in stderr
+    got, want = losses(tmp_path / "ep"), losses(tmp_path / "single")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=LOSS_RTOL), step
+    state, expected = merged(tmp_path / "ep"), merged(tmp_path / "single")
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
 def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(sft_launched, tmp_path):
     """Every rank killed (SIGKILL) in step 3, after checkpoint-2 (DeepSpeed's ZeRO-3 + EP states, the HF folder, each
     rank's RNG state) was saved; the relaunch resumes from it and logs steps 3-4 and saves the final checkpoint exactly
