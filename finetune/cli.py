@@ -16,6 +16,7 @@ STAGES = {
     "cpt": "continued pre-training on a domain corpus (domain adaptation)",
     "esft_select": "score the routed experts on a domain's data and write ESFT's expert config",
     "esft": "expert-specialised fine-tuning: train only the experts an expert config selects",
+    "esft_export": "an ESFT run as a full checkpoint in the base's format (untouched tensors byte for byte) or its experts",
     "chat": "talk to a checkpoint (base, merged, or base + adapter) in the terminal",
     "evaluate": "exact-match accuracy on held-out chat questions and preference accuracy",
     "demo": "the Base -> SFT -> DPO -> Chat demo on the CPU (make demo)",

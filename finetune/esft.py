@@ -222,6 +222,14 @@ def prepare(model: nn.Module, config: ESFTStageConfig) -> None:
         raise RecipeError("esft_config: name the expert config (python -m finetune.esft_select writes one)")
     expert_config = read_expert_config(config.esft_config, model)
     trained = apply_esft(model, expert_config)
+    if is_main_process():  # beside the run's checkpoint, as ESFT's adapters keep it (finetune.esft_export reads it)
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        write_expert_config(
+            Path(config.output_dir) / "expert_cfg.json",
+            expert_config["experts"],
+            expert_config["shared_experts"],
+            expert_config["non_expert_modules"],
+        )
     total = sum(p.numel() for p in model.parameters())
     chosen = sum(len(v) for v in expert_config["experts"].values())
     if is_main_process():

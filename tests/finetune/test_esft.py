@@ -109,3 +109,64 @@ def test_esft_trains_exactly_the_selected_experts(base_values, demo_data, tmp_pa
     # Every selected expert's three matrices train; nothing else moves by a single bit (router, attention, shared
     # experts, norms, embeddings, the other experts).
     assert changed <= expected and len(changed) >= 0.9 * len(expected) and changed
+
+
+def raw(path: Path) -> dict[str, bytes]:
+    from finetune.export import read_header
+
+    out = {}
+    for file in set(list_checkpoint_files(path).values()):
+        for key, info in read_header(file).items():
+            with open(info.file, "rb") as f:
+                f.seek(info.start)
+                out[key] = f.read(info.nbytes)
+    return out
+
+
+@pytest.mark.parametrize("base_format", ["bf16", "fp8"])
+def test_esft_export_rewrites_only_the_trained_experts(base_format, base_values, demo_data, tmp_path):
+    from finetune.esft_export import main as export_main
+
+    from ..distributed.common import write_fp8_checkpoint
+
+    base = tmp_path / "base"
+    if base_format == "fp8":
+        write_fp8_checkpoint(base, num_hidden_layers=3)
+    else:
+        torch.manual_seed(0)
+        DeepseekV3ForCausalLM(DeepseekV3Config.from_preset("tiny", num_hidden_layers=3)).to(
+            torch.bfloat16
+        ).save_pretrained(base)
+    config = tmp_path / "experts.json"
+    esft.write_expert_config(config, {1: [1, 4], 2: [0]})
+    values = {**base_values, "model_name_or_path": str(base), "max_steps": 2, "learning_rate": 1e-2}
+    values.pop("model_overrides", None)
+    values["data"] = {"task": "sft", "sources": [str(demo_data["sft"])], "max_length": 64}
+    esft.main(args({**values, "esft_config": str(config)}))
+    run = Path(values["output_dir"])
+    assert (run / "expert_cfg.json").is_file()
+    full, delta = tmp_path / "full", tmp_path / "delta"
+    assert export_main(["--base", str(base), "--run", str(run), "--out", str(full)]) == 0
+    assert export_main(["--base", str(base), "--run", str(run), "--out", str(delta), "--format", "delta"]) == 0
+    before, after, trained = raw(base), raw(full), stored(run)
+    assert before.keys() == after.keys()
+    experts = {
+        f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
+        for layer, ids in ((1, [1, 4]), (2, [0]))
+        for e in ids
+        for p in ("gate", "up", "down")
+    }
+    changed = {k for k in before if before[k] != after[k]}
+    scales = {k + "_scale_inv" for k in experts} if base_format == "fp8" else set()
+    assert changed == experts | scales  # every other tensor of the base byte for byte
+    written = stored(full)
+    for key in experts:
+        if base_format == "fp8":
+            from model.checkpoint import dequantize_fp8_block
+
+            value = dequantize_fp8_block(written[key], written[key + "_scale_inv"], (128, 128))
+            torch.testing.assert_close(value, trained[key], rtol=0.07, atol=1e-3)  # e4m3: 3 mantissa bits
+        else:
+            assert written[key].dtype == torch.bfloat16 and torch.equal(written[key], trained[key].to(torch.bfloat16))
+    assert set(stored(delta)) == experts and (delta / "expert_cfg.json").is_file()
+    DeepseekV3ForCausalLM.from_pretrained(full, progress=False)  # loads as the base does
