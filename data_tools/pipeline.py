@@ -300,18 +300,31 @@ def tokenize_answers(
 ) -> tuple[dict[str, list], list[RecordError | None]]:
     """prompt_ids and `<answer>_ids` per row (preference: chosen and rejected; kto: completion), either kind."""
     standard = isinstance(batch["prompt"][0], str) if batch["prompt"] else False
+    fields = ["prompt", *answers]
+    budget = char_budget(chat, max_length)
     if standard:
-        errors = standard_too_long(batch, ["prompt", *answers], chat, max_length)
-        rows_in = {f: [("" if e else v) for v, e in zip(batch[f], errors)] for f in ["prompt", *answers]}
+        errors = standard_too_long(batch, fields, chat, max_length)
+        if on_too_long == "truncate":  # cut the text where it surely holds max_length tokens; truncated below
+            batch = {**batch, **{f: [v[:budget] if e else v for v, e in zip(batch[f], errors)] for f in fields}}
+            errors = [None] * len(errors)
+        rows_in = {f: [("" if e else v) for v, e in zip(batch[f], errors)] for f in fields}
         control = [any(chat.has_control(batch[f][i]) for f in ["prompt", *answers]) for i in range(len(errors))]
         rows = encode_standard(chat, rows_in["prompt"], [list(v) for v in zip(*(rows_in[a] for a in answers))])
     else:
         errors = []
         control = []
-        for values in zip(*(batch[f] for f in ["prompt", *answers])):
+        batch = {f: list(batch[f]) for f in fields}
+        for i, values in enumerate(zip(*(batch[f] for f in fields))):
             texts = [t for messages in values for t in message_texts(messages)]
             control.append(any(chat.has_control(t) for t in texts))
-            errors.append(surely_too_long(sum(len(t) for t in texts), chat, max_length))
+            error = surely_too_long(sum(len(t) for t in texts), chat, max_length)
+            if error is not None and on_too_long == "truncate":
+                for f in fields:  # each message cut where it surely holds max_length tokens; truncated below
+                    batch[f][i] = [
+                        {**m, "content": m["content"][:budget]} if m.get("content") else m for m in batch[f][i]
+                    ]
+                error = None
+            errors.append(error)
         keep = [i for i, e in enumerate(errors) if e is None]
         kept = conversational_pairs({f: [batch[f][i] for i in keep] for f in ["prompt", *answers]}, chat, answers)
         rows = [[[], *([] for _ in answers)] for _ in errors]

@@ -183,6 +183,13 @@ class ChatTokenizer:
         if self.backend is not None and not parse_special_tokens:
             self.text_backend = build_text_backend(self.backend)
 
+    def __setstate__(self, state: dict) -> None:
+        # datasets' num_proc workers get a pickled copy: the Rust tokenizer's encode_special_tokens flag is not part
+        # of what it serialises, so it is set again (else typed control strings become control tokens there).
+        self.__dict__.update(state)
+        if self.text_backend is not None and not self.parse_special_tokens:
+            self.text_backend.encode_special_tokens = True
+
     def has_control(self, text: str | None) -> bool:
         """Whether `text` holds a control-token string (e.g. a typed `<｜Assistant｜>`)."""
         return (
@@ -313,7 +320,10 @@ def tokenizer_facts(tokenizer: PreTrainedTokenizerBase) -> tuple["re.Pattern | N
     cached = FACTS.get(id(tokenizer))
     if cached is not None and cached[0] is tokenizer:
         return cached[1], cached[2]
-    added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    specials = {a.content for a in getattr(tokenizer, "added_tokens_decoder", {}).values() if a.special}
+    added = sorted(
+        (t for t in tokenizer.get_added_vocab() if t in specials or t in SPECIAL_TOKENS), key=len, reverse=True
+    )
     control = re.compile("|".join(re.escape(t) for t in added)) if added else None
     vocab = tokenizer.get_vocab()
     longest = max((len(token) for token in vocab), default=1)
@@ -332,7 +342,9 @@ def build_text_backend(backend: Tokenizer) -> Tokenizer:
         return cached[1]
     spec = json.loads(backend.to_str())
     for token in spec.get("added_tokens", []):
-        token["special"] = True
+        # The chat template's control tokens are text in content; other non-special added tokens (a `<think>` a
+        # reasoning tokenizer adds) stay tokens, as the official tokenization has them.
+        token["special"] = bool(token.get("special")) or token["content"] in SPECIAL_TOKENS
     text_backend = Tokenizer.from_str(json.dumps(spec))
     text_backend.encode_special_tokens = True
     TEXT_BACKENDS[id(backend)] = (backend, text_backend)

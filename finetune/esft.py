@@ -221,6 +221,11 @@ def prepare(model: nn.Module, config: ESFTStageConfig) -> None:
     if not config.esft_config:
         raise RecipeError("esft_config: name the expert config (python -m finetune.esft_select writes one)")
     expert_config = read_expert_config(config.esft_config, model)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise RecipeError(
+            "ESFT under ZeRO-3 runs with expert parallelism (EP_SIZE=N with recipes/accelerate/zero3_ep*.yaml), where "
+            "each rank holds whole experts; plain ZeRO-3 partitions the fused expert weights across ranks"
+        )
     trained = apply_esft(model, expert_config)
     if is_main_process():  # beside the run's checkpoint, as ESFT's adapters keep it (finetune.esft_export reads it)
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)

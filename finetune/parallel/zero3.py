@@ -233,6 +233,11 @@ def load_zero3_partitioned(
     }
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = cls(config)
+    # Init casts every floating tensor made inside it to the config dtype, the router-bias buffers too; a buffer is
+    # never partitioned, so it goes back to fp32 (a gamma 1e-3 bias update is lost in bf16 at |bias| 0.6).
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
     # internal tensor name -> [(checkpoint key, expert, part)], from the key names alone: every rank agrees on what
     # is missing before any collective starts.
     slots: dict[str, list[tuple[str, int | None, str | None]]] = {}

@@ -330,6 +330,14 @@ def test_control_strings_in_content_stay_text_and_are_counted(tmp_path, tokenize
     assert splits["train"][0]["input_ids"].count(assistant) == 1 and report.control_strings == 1
     splits, _ = build_datasets(DataRecipe(**{**recipe.__dict__, "parse_special_tokens": True}), tokenizer)
     assert splits["train"][0]["input_ids"].count(assistant) == 2
+    # Worker processes get a pickled tokenizer: the text stays text there too.
+    many = [
+        {**record, "messages": [{"role": "user", "content": f"say <｜Assistant｜> {i}"}, record["messages"][1]]}
+        for i in range(8)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in many))
+    splits, report = build_datasets(DataRecipe(**{**recipe.__dict__, "num_proc": 2}), tokenizer)
+    assert [row.count(assistant) for row in splits["train"]["input_ids"]] == [1] * 8 and report.control_strings == 8
 
 
 def test_an_over_long_record_is_refused_without_tokenizing_it(tmp_path, tokenizer):
@@ -394,3 +402,21 @@ def test_validate_reports_instead_of_crashing(tmp_path):
         cli_prepare = DataRecipe(sources=[SourceSpec(str(tmp_path / "bad.jsonl"))], skip_invalid=True)
         build_datasets(cli_prepare)
     assert cli_main(["validate", str(tmp_path / "good.jsonl")]) == 0
+
+
+def test_an_over_long_preference_pair_is_truncated_when_asked(tmp_path, tokenizer):
+    long = "word " * 100_000
+    for name, record in {
+        "standard": {"prompt": "q", "chosen": long, "rejected": "no"},
+        "conversational": {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": long}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        },
+    }.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        recipe = DataRecipe(task="dpo", sources=[SourceSpec(str(path))], max_length=128, on_too_long="truncate")
+        splits, report = build_datasets(recipe, tokenizer)
+        [pair] = list(splits["train"])
+        assert report.truncated == 1 and len(pair["prompt_ids"]) + len(pair["chosen_ids"]) == 128, name

@@ -185,6 +185,25 @@ def test_esft_expert_parallel_launch_equals_one_process(inputs, tmp_path):
 
 
 @pytest.mark.slow
+def test_esft_under_plain_zero3_is_one_sentence(inputs, tmp_path):
+    """Plain ZeRO-3 partitions the fused expert weights across ranks: ESFT asks for expert parallelism instead."""
+    from finetune import esft
+
+    from .common import write_tiny_checkpoint
+
+    checkpoint = tmp_path / "base"
+    write_tiny_checkpoint(checkpoint, num_hidden_layers=2)
+    experts = tmp_path / "expert_cfg.json"
+    esft.write_expert_config(experts, {1: [0]})
+    recipe = write_recipe(
+        tmp_path, inputs, "sft", model_name_or_path=str(checkpoint), model_overrides={}, esft_config=str(experts)
+    )
+    proc = launch_module("recipes/accelerate/zero3.yaml", ["finetune.esft"], recipe, tmp_path / "out", None)
+    # One sentence from each rank (the launcher then reports the failed process in its own words).
+    assert proc.returncode != 0 and "error: ESFT under ZeRO-3 runs with expert parallelism" in proc.stderr
+
+
+@pytest.mark.slow
 def test_sft_zero3_expert_parallel_launch_resumes_after_sigkill(sft_launched, tmp_path):
     """Every rank killed (SIGKILL) in step 3, after checkpoint-2 (DeepSpeed's ZeRO-3 + EP states, the HF folder, each
     rank's RNG state) was saved; the relaunch resumes from it and logs steps 3-4 and saves the final checkpoint exactly

@@ -119,3 +119,35 @@ def test_zero3_loads_each_rank_its_partition(tmp_path: Path, world: int) -> None
             f"world {world} rank {rank}: peak {result['peak'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, "
             f"model {total / 2**20:.0f} MiB"
         )
+
+
+def bf16_worker(rank: int, world: int, path: Path, out: Path) -> None:
+    import deepspeed
+
+    from finetune.parallel.zero3 import load_zero3_partitioned
+    from model import load_config
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = load_zero3_partitioned(DeepseekV3ForCausalLM, path, load_config(path), torch.bfloat16, DS_CONFIG, False)
+    dtypes = {
+        "params": {p.ds_tensor.dtype for p in model.parameters()},
+        "biases": {m.gate.e_score_correction_bias.dtype for m in model.moe_layers()},
+        "bias_values": torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()]),
+    }
+    torch.save(dtypes, out / f"dtypes{rank}.pt")
+
+
+def test_zero3_loading_in_bf16_keeps_the_router_bias_fp32(tmp_path: Path) -> None:
+    from .common import write_tiny_checkpoint
+
+    path = tmp_path / "ckpt"
+    model = write_tiny_checkpoint(path)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.uniform_(-0.7, 0.7)  # values bf16 cannot hold exactly
+    model.save_pretrained(path)
+    check_ranks(bf16_worker, 2, path, tmp_path)
+    result = torch.load(tmp_path / "dtypes0.pt")
+    assert result["params"] == {torch.bfloat16} and result["biases"] == {torch.float32}
+    expected = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()])
+    assert torch.equal(result["bias_values"], expected)  # read from the checkpoint without a bf16 round trip
