@@ -41,6 +41,10 @@ class DataCollator:
             width = batch["input_ids"].shape[1]
             lengths = [n for e in examples for n in self.runs(e, width)]
             self.add_cu_seqlens(batch, lengths)
+        elif bool((batch["position_ids"] == torch.arange(batch["position_ids"].shape[1])).all()):
+            # Every row one run (corpus blocks): plain causal attention, decided here on the host, so that the model
+            # on an accelerator does not build a mask it cannot ask about (model.attention.build_attention_mask).
+            del batch["position_ids"]
         return batch
 
     def collate_padded(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -57,6 +61,8 @@ class DataCollator:
             labels[row, :n] = torch.tensor(e.get("labels", e["input_ids"]))
             attention_mask[row, :n] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if bool(attention_mask.all()):  # no padding: plain causal attention (see collate_packed)
+            return {"input_ids": input_ids, "labels": labels}
         return {
             "input_ids": input_ids,
             "labels": labels,
