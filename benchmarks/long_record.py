@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/long_record.py [--megabytes 50] [--max-length 4096]
 
 `python -m data_tools validate` runs in a child process on a JSONL file of a few normal chats and one chat whose
-answer is MEGABYTES of text; the child's peak RSS (ru_maxrss) and time are printed, and the same for the file
+answer is MEGABYTES of text; the child's peak RSS (VmHWM: ru_maxrss would carry the parent's peak across fork + exec)
+and time are printed, and the same for the file
 without the long record as the baseline. The long record must be refused (too_long) without being tokenized whole.
 """
 
@@ -19,8 +20,9 @@ from pathlib import Path
 def validate(path: Path, max_length: int) -> tuple[float, float, str]:
     """Seconds, peak RSS in GB and the last output line of validating `path` in a fresh process."""
     code = (
-        "import resource, sys; from data_tools.cli import main; rc = main(sys.argv[1:]); "
-        "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        "import sys; from data_tools.cli import main; rc = main(sys.argv[1:]); "
+        "print('peak_kb', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))); "
+        "sys.exit(rc)"
     )
     start = time.perf_counter()
     result = subprocess.run(

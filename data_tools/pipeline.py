@@ -130,7 +130,7 @@ def too_long_error(length: int, max_length: int) -> RecordError:
 def surely_too_long(chars: int, chat: ChatTokenizer, max_length: int) -> RecordError | None:
     """The too-long error for a sample whose text alone proves it longer than max_length, before tokenizing it
     (a 50 MB record is refused without tokenizing 50 MB)."""
-    if chars <= chat.max_token_chars * (max_length + 64):
+    if chars <= char_budget(chat, max_length):
         return None
     return RecordError(
         "too_long", f"sample has {chars:,} characters: more than max_length {max_length} tokens whatever it says"

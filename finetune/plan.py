@@ -270,10 +270,10 @@ def fp8_base_mode(recipe: dict) -> str:
     return ("keep" if recipe.get("use_lora") else "dequantize") if mode == "auto" else mode
 
 
-def host_load_bytes(config: Any, layout: Layout) -> float:
+def host_load_bytes(config: Any, layout: Layout, census: ParamCensus | None = None) -> float:
     """Host memory one rank holds right after loading: its routed experts (1/ep_size of them) and every other weight
     (each rank builds them whole before DeepSpeed partitions them), at the load dtype; FP8 kept is 1 byte a weight."""
-    census = count_params(config, layout)
+    census = census or count_params(config, layout)
     weight = 1 + FP8_SCALE_BYTES if layout.fp8_base else layout.param_bytes
     return census.experts / layout.ep_size * weight + census.fp8_able * weight + census.other * layout.param_bytes
 
@@ -329,9 +329,11 @@ def layout_from_recipe(recipe: dict, config: Any, gpus: int, ep_size: int | None
     )
 
 
-def smallest_fit(config: Any, layout: Layout, gpu_bytes: float, limit: int = 4096) -> tuple[int, Plan] | None:
+def smallest_fit(
+    config: Any, layout: Layout, gpu_bytes: float, limit: int = 4096, census: ParamCensus | None = None
+) -> tuple[int, Plan] | None:
     """The fewest GPUs (ep_size chosen as by default) whose per-GPU plan fits in gpu_bytes."""
-    census = count_params(config, layout)
+    census = census or count_params(config, layout)  # the classification does not depend on the GPU count
     for gpus in range(1, limit + 1):
         trial = Layout(**{**layout.__dict__, "gpus": gpus, "ep_size": default_ep_size(gpus, config.n_routed_experts)})
         plan = plan_memory(config, trial, census)
@@ -408,16 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     except ParallelConfigError as err:
         parser.error(str(err))
     gpu_bytes = args.gpu_mem * 1e9
-    plan = plan_memory(config, layout)
+    census = count_params(config, layout)  # one meta-device build of the model for every figure below
+    plan = plan_memory(config, layout, census)
     print(format_plan(plan, gpu_bytes))
     if plan.total > gpu_bytes * GPU_USABLE:
         print("what dominates, and what would shrink it:")
         print("\n".join(advise(plan)))
-    host = host_load_bytes(config, layout)
+    host = host_load_bytes(config, layout, census)
     print(
         f"host memory at load: {host / GIB:.1f} GiB per rank, {host * min(8, layout.gpus) / GIB:.0f} GiB per 8-GPU node"
     )
-    best = smallest_fit(config, layout, gpu_bytes)
+    best = smallest_fit(config, layout, gpu_bytes, census=census)
     if best is None:
         print(f"no GPU count up to 4096 fits in {args.gpu_mem:g} GB per GPU")
         return 1

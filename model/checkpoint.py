@@ -77,6 +77,16 @@ def hf_key_to_internal(key: str, config: DeepseekV3Config) -> tuple[str, int | N
     return key, index, part
 
 
+def expert_slot(target: torch.Tensor, expert: int | None, part: str | None) -> torch.Tensor:
+    """The view of a fused expert tensor (or of a whole tensor when expert is None) that one checkpoint key fills:
+    expert `expert`'s rows, and of gate_up_proj the gate or the up half."""
+    view = target if expert is None else target[expert]
+    if part in ("gate", "up"):
+        half = view.shape[0] // 2
+        view = view[:half] if part == "gate" else view[half:]
+    return view
+
+
 # The MTP modules use the main model's embedding and output head (shared, as in the paper); the checkpoint also
 # stores a copy of each per MTP layer, as the official files do. Main tensor name -> the copy's key suffix.
 MTP_SHARED = {"model.embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "shared_head.head.weight"}
@@ -272,10 +282,7 @@ def load_state_into(
                     if expert >= experts:
                         unexpected.append(key)
                         continue
-                    view = target[expert]
-                    if part in ("gate", "up"):
-                        half = view.shape[0] // 2
-                        view = view[:half] if part == "gate" else view[half:]
+                    view = expert_slot(target, expert, part)
                 if tuple(tensor.shape) != tuple(view.shape):
                     misshaped.append(f"{key} {tuple(tensor.shape)} (model expects {tuple(view.shape)})")
                     filled[name].add((expert, part))  # reported as mis-shaped, not again as missing

@@ -30,6 +30,7 @@ from model.checkpoint import (
     build_meta_model,
     check_mtp_presence,
     dequantize_fp8_block,
+    expert_slot,
     hf_key_to_internal,
     init_fresh_mtp,
     internal_to_hf,
@@ -136,10 +137,7 @@ def load_local_state(
                     if not first <= expert < first + count:
                         stats.skipped_tensors += 1
                         continue  # another rank's expert: its bytes are never read
-                    target = target[expert - first]
-                    if part in ("gate", "up"):
-                        half = target.shape[0] // 2
-                        target = target[:half] if part == "gate" else target[half:]
+                    target = expert_slot(target, expert - first, part)
                 tensor = handle.get_tensor(key)
                 stats.add(tensor, expert)
                 if tensor.dtype == FP8_DTYPE and target.dtype != FP8_DTYPE:

@@ -210,6 +210,7 @@ def load_zero3_partitioned(
         _weight_block,
         check_mtp_presence,
         dequantize_fp8_block,
+        expert_slot,
         hf_key_to_internal,
         list_checkpoint_files,
         mtp_shared_copy,
@@ -265,10 +266,7 @@ def load_zero3_partitioned(
                     scale_key = key + "_scale_inv"
                     with _open_safetensors(files[scale_key]) as scales:
                         tensor = dequantize_fp8_block(tensor, scales.get_tensor(scale_key), block)
-            view = target if expert is None else target[expert]
-            if part in ("gate", "up"):
-                half = view.shape[0] // 2
-                view = view[:half] if part == "gate" else view[half:]
+            view = expert_slot(target, expert, part)
             if tuple(view.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, the model expects {tuple(view.shape)}")
             view.copy_(tensor)
