@@ -4,8 +4,8 @@
 
 1. data: arithmetic chats, held-out questions, preference pairs and a plain-text corpus (data_tools.synthetic);
 2. Base: a tiny DeepSeek-V3 (real 129K vocabulary), random init, `cpt` on the corpus only (never the chat format);
-3. SFT: LoRA on attention, with plain-text replay of the corpus (recipes/tiny/sft/lora.yaml), merged (finetune.export);
-4. DPO: LoRA on the SFT model, reference = adapter disabled (recipes/tiny/dpo/lora.yaml), exported as the Chat model;
+3. SFT: LoRA on attention, with plain-text replay of the corpus (recipes/demo/sft.yaml), merged (finetune.export);
+4. DPO: LoRA on the SFT model, reference = adapter disabled (recipes/demo/dpo.yaml), exported as the Chat model;
 5. evaluation of Base, SFT and Chat on held-out questions and preference pairs; report.md + PNG plots.
 """
 
@@ -24,7 +24,7 @@ from data_tools.synthetic import save_demo_data, save_jsonl
 from . import cpt, dpo, sft
 from .evaluate import chat_accuracy, load_chat_model, plain_text_accuracy, preference_accuracy, read_jsonl
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 # The demo's data (data_tools.synthetic): sums a, b < 30, 500 SFT chats, 200 held-out questions (half of their facts
 # in the corpus), and 200 more corpus facts, so the corpus holds every sum but the 100 never seen (docs/demo.md).
 DATA = dict(num_train=500, num_eval=200, num_preference=600, max_operand=30, num_corpus_only=200)
@@ -78,11 +78,13 @@ def overrides(values: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def scaled(recipe: str, scale: float) -> int:
-    """max_steps of a tiny recipe times scale (at least 2)."""
+def scaled(recipe: str, scale: float) -> dict[str, int]:
+    """max_steps of a demo recipe times scale (at least 2), and a logging interval that still logs about ten times."""
     import yaml
 
-    return max(2, round(yaml.safe_load((RECIPES / recipe).read_text())["max_steps"] * scale))
+    values = yaml.safe_load((RECIPES / recipe).read_text())
+    steps = max(2, round(values["max_steps"] * scale))
+    return {"max_steps": steps, "logging_steps": max(1, min(int(values.get("logging_steps", 1)), steps // 10))}
 
 
 def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, Any]:
@@ -103,12 +105,12 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
 
     start = time.time()
     cpt.main(
-        ["--config", str(RECIPES / "cpt/full.yaml")]
+        ["--config", str(RECIPES / "cpt.yaml")]
         + overrides(
             {
                 **common,
                 "output_dir": str(out / "base"),
-                "max_steps": scaled("cpt/full.yaml", scale),
+                **scaled("cpt.yaml", scale),
                 "data.sources": [{"path": str(paths["facts"]), "format": "text_completion"}],
             }
         )
@@ -117,13 +119,13 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
 
     start = time.time()
     sft.main(
-        ["--config", str(RECIPES / "sft/lora.yaml")]
+        ["--config", str(RECIPES / "sft.yaml")]
         + overrides(
             {
                 **common,
                 "model_name_or_path": str(out / "base"),
                 "output_dir": str(out / "sft"),
-                "max_steps": scaled("sft/lora.yaml", scale),
+                **scaled("sft.yaml", scale),
                 "data.sources": [str(paths["sft"])],
                 "data.replay_sources": [{"path": str(paths["facts"]), "format": "text_completion"}],
             }
@@ -134,13 +136,13 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
 
     start = time.time()
     dpo.main(
-        ["--config", str(RECIPES / "dpo/lora.yaml")]
+        ["--config", str(RECIPES / "dpo.yaml")]
         + overrides(
             {
                 **common,
                 "model_name_or_path": str(out / "sft-merged"),
                 "output_dir": str(out / "dpo"),
-                "max_steps": scaled("dpo/lora.yaml", scale),
+                **scaled("dpo.yaml", scale),
                 "data.sources": [str(dpo_pairs)],
             }
         )
@@ -197,6 +199,8 @@ def plot(out: Path, seed_dirs: list[Path]) -> list[str]:
             axes[1].plot([r["step"] for r in log], [r["moe/dead_expert_fraction"] for r in log])
     axes[0].set_title("max / mean expert load (worst MoE layer)")
     axes[1].set_title("fraction of experts without tokens")
+    for ax in axes:
+        ax.set_xlabel("step (of each stage)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "expert_load.png", dpi=90)

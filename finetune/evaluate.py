@@ -1,6 +1,14 @@
-"""Held-out evaluation: exact-match accuracy on chat questions and preference accuracy on chosen/rejected pairs.
+"""Evaluate a checkpoint: held-out loss and perplexity, generation, exact match, preference accuracy.
 
-python -m finetune.evaluate --model DIR [--adapter DIR] --questions eval.jsonl [--preferences pairs.jsonl]
+dsv3-finetune evaluate --model DIR [--adapter DIR] [--data RECIPE.yaml | FILE ...] [--prompts FILE --out FILE]
+                       [--questions FILE] [--preferences FILE]
+
+--data: loss and perplexity per trained token, on a stage recipe's eval split (its data: section; all its sources
+        when it has no eval split) or on data files in any format data_tools reads (chats, text, ...);
+--prompts: greedy (or sampled) replies to each record's prompt (chat messages, prompt, or text), written as JSONL;
+--questions: exact-match accuracy of greedy answers on chats whose last message is the answer;
+--preferences: how often the chosen answer gets a higher log-probability than the rejected one.
+The result is printed as JSON (a measure with no records is null).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from model import DeepseekV3ForCausalLM
 from .lora import install_peft_guard
 
 
-def load_chat_model(path: str | Path, adapter: str | Path | None = None) -> DeepseekV3ForCausalLM:
+def load_chat_model(
+    path: str | Path, adapter: str | Path | None = None, progress: bool = False
+) -> DeepseekV3ForCausalLM:
     """A checkpoint folder in fp32, with a LoRA adapter merged in when given (the folder may itself be an adapter)."""
     path = Path(path)
     if adapter is None and (path / "adapter_config.json").is_file():
@@ -33,7 +43,7 @@ def load_chat_model(path: str | Path, adapter: str | Path | None = None) -> Deep
 
         config, _, _, base = check_base(path)
         resolve_adapter(adapter, config, base, str(path))
-    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, progress=False)
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, progress=progress)
     if adapter is not None:
         from peft import PeftModel
 
@@ -146,22 +156,156 @@ def preference_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, recor
     return sum(chosen > rejected for chosen, rejected in zip(scores[::2], scores[1::2])) / len(records)
 
 
+@torch.no_grad()
+def heldout_loss(model: DeepseekV3ForCausalLM, data: list[str], tokenizer: Any, batch_size: int = 8) -> dict:
+    """Mean loss per trained token and its perplexity over a data recipe's eval split (or its sources) or files."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    from data_tools import DataCollator, DataRecipe, build_datasets
+
+    recipe = data_recipe_for(data)
+    splits, _ = build_datasets(recipe, tokenizer)
+    dataset = splits.get("eval", splits["train"])
+    collate = DataCollator(pad_id=tokenizer.eos_token_id)
+    total, count = 0.0, 0
+    rows = list(dataset)
+    for start in tqdm(range(0, len(rows), batch_size), desc="loss", unit="batch", leave=False):
+        batch = collate(rows[start : start + batch_size])
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+        out = model(**inputs, labels=labels, num_items_in_batch=1, return_logits=False)
+        total += float(out.lm_loss if out.lm_loss is not None else out.loss)
+        count += int(_trained_tokens(labels, batch.get("position_ids")))
+    loss = total / count if count else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if count else float("nan"), "tokens": count, "rows": len(rows)}
+
+
+def _trained_tokens(labels: torch.Tensor, position_ids: torch.Tensor | None) -> int:
+    """Targets the LM loss counts: the next label is trained and in the same packed sample."""
+    from model.modeling import shifted_targets
+
+    segments = None
+    if position_ids is not None:
+        segments = (position_ids == 0).cumsum(-1)
+    return int((shifted_targets(labels, segments, 1) != -100).sum())
+
+
+def data_recipe_for(data: list[str]):
+    """A stage recipe's data section (its eval split when it has one), or data files read as chats or text."""
+    import yaml
+
+    from data_tools import DataRecipe
+
+    if len(data) == 1 and data[0].endswith((".yaml", ".yml")):
+        values = yaml.safe_load(Path(data[0]).read_text()) or {}
+        section = dict(values.get("data", values))
+        if section.get("eval_sources"):
+            section["sources"], section["eval_sources"] = section["eval_sources"], []
+        section.pop("replay_sources", None)
+        section.update(eval_fraction=0.0, replay_fraction=0.0, pack=False)
+        return DataRecipe.from_dict(section)
+    return DataRecipe.from_dict({"sources": list(data), "pack": False, "max_length": 4096})
+
+
+@torch.no_grad()
+def generate_replies(
+    model: DeepseekV3ForCausalLM, chat: ChatTokenizer, records: list[dict], max_new_tokens: int, temperature: float
+) -> list[dict]:
+    """One reply per record (`messages` up to the last user turn, `prompt` as text or messages, or `text`), through
+    the model's generate() with its latent KV cache."""
+    from tqdm.auto import tqdm
+
+    results = []
+    for number, record in enumerate(tqdm(records, desc="generate", unit="prompt", leave=False), 1):
+        messages = prompt_messages(record, number)
+        ids = torch.tensor([chat.tokenize_prompt(messages)])
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=chat.eos_id,
+            pad_token_id=chat.eos_id,
+        )
+        tokens = [t for t in out[0, ids.shape[1] :].tolist() if t != chat.eos_id]
+        results.append({"prompt": messages, "response": chat.tokenizer.decode(tokens, skip_special_tokens=True)})
+    return results
+
+
+def prompt_messages(record: dict, number: int) -> list[dict]:
+    """The conversation to answer: a record's messages without a final assistant turn, or its prompt or text."""
+    if isinstance(record.get("messages"), list):
+        messages = list(record["messages"])
+        while messages and messages[-1].get("role") == "assistant":
+            messages.pop()
+        if messages:
+            return messages
+    prompt = record.get("prompt", record.get("text", record.get("instruction")))
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        return prompt
+    raise ValueError(f"prompts line {number}: expected messages, prompt, text or instruction")
+
+
+def finite(value: Any) -> Any:
+    """NaN (a measure over no records) -> None, so the printed result is valid JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dsv3-finetune evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="checkpoint folder, or an adapter folder")
     parser.add_argument("--adapter", help="LoRA adapter to merge into --model")
-    parser.add_argument("--questions", required=True, help="JSONL of chats whose last message is the answer")
-    parser.add_argument("--preferences", help="JSONL of prompt/chosen/rejected pairs")
+    parser.add_argument("--data", nargs="+", help="a stage recipe YAML, or data files: held-out loss and perplexity")
+    parser.add_argument("--prompts", help="JSONL of prompts to answer (messages, prompt or text)")
+    parser.add_argument("--out", help="where --prompts writes its replies (JSONL; default: printed)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="for --prompts")
+    parser.add_argument("--temperature", type=float, default=0.0, help="for --prompts; 0 = greedy")
+    parser.add_argument("--questions", help="JSONL of chats whose last message is the answer: exact match")
+    parser.add_argument("--preferences", help="JSONL of prompt/chosen/rejected pairs: preference accuracy")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, else the packaged one)")
     args = parser.parse_args(argv)
+    if not (args.data or args.prompts or args.questions or args.preferences):
+        parser.error("nothing to evaluate: give --data, --prompts, --questions or --preferences")
     model_dir = Path(args.model)
     tokenizer = load_tokenizer(args.tokenizer or (str(model_dir) if (model_dir / "tokenizer.json").is_file() else None))
     chat = ChatTokenizer(tokenizer)
-    model = load_chat_model(model_dir, args.adapter)
-    result = chat_accuracy(model, chat, read_jsonl(args.questions))
+    model = load_chat_model(model_dir, args.adapter, progress=True)
+    result: dict[str, Any] = {}
+    if args.data:
+        result["heldout"] = heldout_loss(model, args.data, tokenizer)
+    if args.questions:
+        questions = read_jsonl(args.questions)
+        accuracy = chat_accuracy(model, chat, questions)
+        if not any("in_corpus" in r for r in questions):  # the split by corpus is the demo's
+            accuracy = {"accuracy": accuracy["accuracy"]}
+        result.update(accuracy)
     if args.preferences:
         result["preference_accuracy"] = preference_accuracy(model, chat, read_jsonl(args.preferences))
-    print(json.dumps(result, indent=2))
+    if args.prompts:
+        try:
+            replies = generate_replies(model, chat, read_jsonl(args.prompts), args.max_new_tokens, args.temperature)
+        except ValueError as err:
+            raise FileNotFoundError(f"{args.prompts}: {err}") from None
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in replies)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(lines, encoding="utf-8")
+            result["generations"] = {"file": args.out, "records": len(replies)}
+        else:
+            result["generations"] = replies
+    print(json.dumps(finite(result), indent=2, ensure_ascii=False, allow_nan=False))
 
 
 if __name__ == "__main__":

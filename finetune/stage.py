@@ -213,7 +213,15 @@ def build_data(
         raise RecipeError("the recipe has no data: section")
     recipe = DataRecipe.from_dict({**config.data, "task": task})
     if len(tokenizer) > vocab_size:
-        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
+        hint = (
+            "; the packaged DeepSeek-V3 tokenizer needs a model with its vocabulary: preset:mini or preset:debug, or "
+            "model_overrides: {vocab_size: 129280}"
+            if config.model_name_or_path.startswith("preset:")
+            else f"; pass the checkpoint's own tokenizer (tokenizer=...) or model_overrides: {{vocab_size: {len(tokenizer)}}}"
+        )
+        raise RecipeError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}{hint}"
+        )
     splits, report = build_datasets(recipe, tokenizer)
     if is_main_process():
         for warning in report.warnings():

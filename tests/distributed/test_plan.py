@@ -259,7 +259,8 @@ def test_every_shipped_recipe_is_planned_and_says_what_the_planner_says(path: Pa
     """#16 item 8: each recipe's first line is its launch command and its hardware line is the planner's figure."""
     text = path.read_text()
     first = text.splitlines()[0]
-    assert first.startswith("# ") and " -m finetune." in first and str(path.relative_to(path.parents[2])) in first
+    command = " -m finetune." in first or "# dsv3-finetune " in first
+    assert first.startswith("# ") and command and str(path.relative_to(path.parents[2])) in first
     header = "".join(line[2:] + " " for line in text.splitlines() if line.startswith("#"))
     match = HARDWARE.search(header)
     flags = match.group(1).split() if match else ["--gpus", "1", "--gpu-mem", "141"]
