@@ -18,11 +18,15 @@ STAGES = {
     "esft": "expert-specialised fine-tuning: train only the experts an expert config selects",
     "esft_export": "an ESFT run as a full checkpoint in the base's format (untouched tensors byte for byte) or its experts",
     "chat": "talk to a checkpoint (base, merged, or base + adapter) in the terminal",
-    "evaluate": "exact-match accuracy on held-out chat questions and preference accuracy",
+    "evaluate": "held-out loss and perplexity, generation on a prompts file, exact match, preference accuracy",
     "demo": "the Base -> SFT -> DPO -> Chat demo on the CPU (make demo)",
     "export": "merge a LoRA adapter into its base checkpoint (bf16, fp8) or save the adapter",
     "plan": "memory and hardware plan for a recipe",
 }
+
+
+# Training stages whose --help is the key table (finetune/keys.py).
+STAGE_KEYS = ("sft", "cpt", "dpo", "kto", "cpo", "orpo", "esft")
 
 
 def available_stages() -> dict[str, str]:
@@ -68,10 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     stages = available_stages()
     if not argv or argv[0] in ("-h", "--help"):
-        lines = ["usage: python -m finetune <stage> --config FILE [key=value ...]", "", "stages:"]
+        lines = ["usage: dsv3-finetune <stage> --config FILE [key=value ...]  (or python -m finetune <stage> ...)"]
+        lines += ["", "stages:"]
         lines += [f"  {name:<9} {text}" for name, text in stages.items()]
-        lines += ["", "python -m finetune <stage> --help shows a stage's options."]
+        lines += ["", "dsv3-finetune <stage> --help lists a stage's keys with their defaults."]
         print("\n".join(lines))
+        return
+    if argv[0] in STAGE_KEYS and any(a in ("-h", "--help") for a in argv[1:]):
+        from .keys import stage_help
+
+        print(stage_help(argv[0]))  # from the shipped key table: no trl import (10 s)
         return
     if argv[0] not in stages:
         print(f"error: unknown stage {argv[0]!r}; stages: {', '.join(stages)}", file=sys.stderr)

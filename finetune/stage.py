@@ -53,6 +53,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def parse_stage_args(cls: type[_T], argv: list[str] | None, stage: str, doc: str) -> _T:
     """`--config FILE [key=value ...]` -> the stage config."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        from .keys import stage_help
+
+        print(stage_help(stage))
+        raise SystemExit(0)
     parser = argparse.ArgumentParser(prog=f"python -m finetune.{stage}", description=doc)
     parser.add_argument("--config", help="recipe YAML (keys are the fields of the stage config)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 data.max_length=512")
