@@ -402,6 +402,8 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
             f"{source}: per_device_train_batch_size must be >= 2 for KTO (its KL term pairs each example with "
             "another completion of the same batch)"
         )
+    if not torch.cuda.is_available():
+        merged.setdefault("dataloader_pin_memory", False)  # nothing to pin for; torch warns at every dataloader
     if merged.get("bf16") and not torch.cuda.is_available():
         merged.setdefault("use_cpu", True)  # transformers refuses bf16 autocast on CPU unless told to use it
     lora_preset = merged.get("lora_preset", "both")

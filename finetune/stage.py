@@ -43,8 +43,10 @@ from .parallel.launch import (
     data_parallel_layout,
     expert_parallel_size,
     launched_world_size,
+    resolve_deepspeed_config_path,
     zero3_enabled,
 )
+from .report import RunReportCallback, quiet_console
 from .trainers import DeepseekSFTTrainer, LossFileCallback, trainer_kwargs, unwrap_base
 
 _T = TypeVar("_T")
@@ -64,6 +66,7 @@ def parse_stage_args(cls: type[_T], argv: list[str] | None, stage: str, doc: str
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 data.max_length=512")
     parsed = parser.parse_args(argv)
     try:
+        resolve_deepspeed_config_path()
         ep_size = expert_parallel_size()
         if launched_world_size() > 1:
             # Before the config: its __post_init__ builds accelerate's state, which must find this group.
@@ -430,14 +433,54 @@ def train_and_save(trainer: Any, config: Any) -> None:
         trim_loss_log(config, checkpoint)
         if is_main_process():
             print(f"resuming from {checkpoint}", file=sys.stderr)
+    quiet_console(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
-    print(f"saved to {config.output_dir}", file=sys.stderr)
+    if is_main_process():
+        write_adapter_card(config)
+        report = Path(config.output_dir) / "report.md"
+        print(f"saved to {config.output_dir}" + (f" (report: {report})" if report.is_file() else ""), file=sys.stderr)
 
 
-def loss_callbacks(config: Any) -> list:
-    """The LossFileCallback writing every log record to output_dir/loss_log_file (none when that is empty)."""
-    return [LossFileCallback(f"{config.output_dir}/{config.loss_log_file}")] if config.loss_log_file else []
+def write_adapter_card(config: Any) -> None:
+    """An adapter folder's README.md says what it is and how to use it (in place of peft's template, whose fields
+    all read "[More Information Needed]")."""
+    folder = Path(config.output_dir)
+    if not (folder / "adapter_config.json").is_file():
+        return
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    base = adapter.get("base_model_name_or_path") or config.model_name_or_path
+    targets = adapter.get("target_modules") or []
+    targets = sorted(targets) if isinstance(targets, (list, set)) else [str(targets)]
+    lines = [
+        f"# LoRA adapter ({folder.name})",
+        "",
+        f"- base model: `{base}`",
+        f"- LoRA: r {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, preset `{config.lora_preset}`, "
+        f"modules: {', '.join(f'`{t}`' for t in targets) or 'see adapter_config.json'}",
+        f"- trained by dsv3-finetune; the run's curves and numbers: report.md, plots/, {config.loss_log_file or '-'}",
+        "",
+        "Use it:",
+        "",
+        "```bash",
+        f"dsv3-finetune chat --model {folder}                       # base + adapter, in the terminal",
+        f"dsv3-finetune export --base {base} --adapter {folder} --out merged  # one checkpoint engines load",
+        f"dsv3-finetune export --base {base} --adapter {folder} --out served --format adapter  # vLLM / peft LoRA",
+        "```",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def loss_callbacks(config: Any, stage: str = "") -> list:
+    """The LossFileCallback writing every log record to output_dir/loss_log_file, and the run report (plots/ and
+    report.md) drawn from it at each save and at the end; none when loss_log_file is empty."""
+    if not config.loss_log_file:
+        return []
+    return [
+        LossFileCallback(f"{config.output_dir}/{config.loss_log_file}"),
+        RunReportCallback(config.output_dir, config.loss_log_file, stage, config.model_name_or_path),
+    ]
 
 
 def train_lm_stage(
@@ -467,7 +510,7 @@ def train_lm_stage(
         eval_dataset=evaluation,
         data_collator=DataCollator(pad_id=tokenizer.eos_token_id),
         processing_class=tokenizer,
-        callbacks=loss_callbacks(config),
+        callbacks=loss_callbacks(config, task),
         **trainer_kwargs(config),
     )
     train_and_save(trainer, config)
@@ -482,7 +525,7 @@ def train_preference_stage(trainer_cls: type, config: Any, model: Any, tokenizer
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=build_lora_config_from(model, config, tokenizer) if config.use_lora else None,
-        callbacks=loss_callbacks(config),
+        callbacks=loss_callbacks(config, trainer_cls.__name__.removeprefix("Deepseek").removesuffix("Trainer").lower()),
         **trainer_kwargs(config),
     )
     train_and_save(trainer, config)

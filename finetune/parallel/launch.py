@@ -25,6 +25,27 @@ from .groups import ExpertParallelGroups, ParallelConfigError, check_ep_size
 EP_SIZE_VAR = "EP_SIZE"
 
 
+TOOLKIT_ROOT = Path(__file__).resolve().parents[2]  # where recipes/ lives in a checkout
+
+
+def resolve_deepspeed_config_path() -> None:
+    """The accelerate configs name `deepspeed_config_file: recipes/deepspeed/...` relative to the toolkit; accelerate
+    reads it relative to the working directory. Under `accelerate launch`, a relative path that is not there is
+    looked up in the toolkit's folder (and the environment updated to it), so the configs work from any directory;
+    one that is in neither is one sentence here, before DeepSpeed starts."""
+    value = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not value or value.lower() == "none" or Path(value).is_file():
+        return
+    candidate = TOOLKIT_ROOT / value
+    if not Path(value).is_absolute() and candidate.is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(candidate)
+        return
+    raise ParallelConfigError(
+        f"the accelerate config's deepspeed_config_file {value!r} is not a file (relative paths are read from the "
+        f"working directory {os.getcwd()}, then from the toolkit's folder {TOOLKIT_ROOT})"
+    )
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher started (WORLD_SIZE; 1 for a plain `python -m`)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
