@@ -163,7 +163,7 @@ def heldout_loss(model: DeepseekV3ForCausalLM, data: list[str], tokenizer: Any, 
 
     from tqdm.auto import tqdm
 
-    from data_tools import DataCollator, DataRecipe, build_datasets
+    from data_tools import DataCollator, build_datasets
 
     recipe = data_recipe_for(data)
     splits, _ = build_datasets(recipe, tokenizer)

@@ -73,7 +73,9 @@ def write_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
         "nats per token",
     )
     panel("learning_rate.png", "learning rate", [("learning_rate", "learning rate")], "learning rate")
-    panel("aux_losses.png", "MTP and balance loss", [("mtp_loss", "MTP loss"), ("balance_loss", "balance loss")], "loss")
+    panel(
+        "aux_losses.png", "MTP and balance loss", [("mtp_loss", "MTP loss"), ("balance_loss", "balance loss")], "loss"
+    )
     panel(
         "preference.png",
         "preference",
@@ -115,7 +117,9 @@ def write_report(output_dir: str | Path, log_file: str = "losses.jsonl", stage: 
     if train:
         first, last = train[0], train[-1]
         lines.append(f"- steps logged: {len(train)}, last at step {last['step']}")
-        lines.append(f"- train loss: {first['loss']:.4g} at step {first['step']} -> {last['loss']:.4g} at step {last['step']}")
+        lines.append(
+            f"- train loss: {first['loss']:.4g} at step {first['step']} -> {last['loss']:.4g} at step {last['step']}"
+        )
         for key in ("lm_loss", "mtp_loss", "balance_loss", "rewards/accuracies", "rewards/margins"):
             if isinstance(last.get(key), (int, float)):
                 lines.append(f"- {key}: {last[key]:.4g} (last)")
@@ -128,14 +132,18 @@ def write_report(output_dir: str | Path, log_file: str = "losses.jsonl", stage: 
             lines.append(f"- tokens trained on: {int(last['num_tokens']):,}")
     if evals:
         best = min(evals, key=lambda r: r["eval_loss"])
-        lines.append(f"- eval loss: {evals[-1]['eval_loss']:.4g} (last), best {best['eval_loss']:.4g} at step {best['step']}")
+        lines.append(
+            f"- eval loss: {evals[-1]['eval_loss']:.4g} (last), best {best['eval_loss']:.4g} at step {best['step']}"
+        )
     if final:
         lines.append(f"- train time: {final['train_runtime']:.1f} s")
     if not train:
         lines.append("- nothing logged yet")
     lines += ["", *[f"![{name}](plots/{name})" for name in plots], ""]
-    lines.append(f"Every logged value is in `{log_file}` (per-layer expert load too); TensorBoard logs, when enabled, "
-                 "are under `runs/`.")
+    lines.append(
+        f"Every logged value is in `{log_file}` (per-layer expert load too); TensorBoard logs, when enabled, "
+        "are under `runs/`."
+    )
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -228,9 +228,7 @@ def build_data(
             if config.model_name_or_path.startswith("preset:")
             else f"; pass the checkpoint's own tokenizer (tokenizer=...) or model_overrides: {{vocab_size: {len(tokenizer)}}}"
         )
-        raise RecipeError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}{hint}"
-        )
+        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}{hint}")
     splits, report = build_datasets(recipe, tokenizer)
     if is_main_process():
         for warning in report.warnings():
