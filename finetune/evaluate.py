@@ -1,13 +1,14 @@
 """Evaluate a checkpoint: held-out loss and perplexity, generation, exact match, preference accuracy.
 
 dsv3-finetune evaluate --model DIR [--adapter DIR] [--data RECIPE.yaml | FILE ...] [--prompts FILE --out FILE]
-                       [--questions FILE] [--preferences FILE]
+                       [--questions FILE] [--preferences FILE] [--lm-eval TASK ... [--lm-eval-include DIR]]
 
 --data: loss and perplexity per trained token, on a stage recipe's eval split (its data: section; all its sources
         when it has no eval split) or on data files in any format data_tools reads (chats, text, ...);
 --prompts: greedy (or sampled) replies to each record's prompt (chat messages, prompt, or text), written as JSONL;
 --questions: exact-match accuracy of greedy answers on chats whose last message is the answer;
---preferences: how often the chosen answer gets a higher log-probability than the rejected one.
+--preferences: how often the chosen answer gets a higher log-probability than the rejected one;
+--lm-eval: lm-evaluation-harness tasks by name, or local task YAMLs with --lm-eval-include DIR.
 The result is printed as JSON (a measure with no records is null).
 """
 
@@ -252,6 +253,39 @@ def prompt_messages(record: dict, number: int) -> list[dict]:
     raise ValueError(f"prompts line {number}: expected messages, prompt, text or instruction")
 
 
+def lm_eval_tasks(
+    model: DeepseekV3ForCausalLM,
+    tokenizer: Any,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on our model, through lm_eval's Hugging Face wrapper (HFLM) around the loaded
+    model: its tasks by name, or task YAMLs in `include_path` (a local dataset works: dataset_path json)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise FileNotFoundError("--lm-eval needs the lm-eval package: pip install 'lm-eval==0.4.13'") from None
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or in {include_path}" if include_path else ""
+        raise FileNotFoundError(f"lm-eval has no task {', '.join(unknown)} among its tasks{where}")
+    result = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples, bootstrap_iters=0
+    )
+    out = {"results": result["results"]}
+    if log_samples:
+        out["samples"] = result["samples"]
+    return out
+
+
 def finite(value: Any) -> Any:
     """NaN (a measure over no records) -> None, so the printed result is valid JSON."""
     if isinstance(value, float) and value != value:
@@ -274,10 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="for --prompts; 0 = greedy")
     parser.add_argument("--questions", help="JSONL of chats whose last message is the answer: exact match")
     parser.add_argument("--preferences", help="JSONL of prompt/chosen/rejected pairs: preference accuracy")
+    parser.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-evaluation-harness tasks (pip lm-eval)")
+    parser.add_argument("--lm-eval-include", help="a folder of lm-eval task YAMLs (local tasks) for --lm-eval")
+    parser.add_argument("--lm-eval-limit", type=int, help="at most this many documents per lm-eval task")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's, else the packaged one)")
     args = parser.parse_args(argv)
-    if not (args.data or args.prompts or args.questions or args.preferences):
-        parser.error("nothing to evaluate: give --data, --prompts, --questions or --preferences")
+    if not (args.data or args.prompts or args.questions or args.preferences or args.lm_eval):
+        parser.error("nothing to evaluate: give --data, --prompts, --questions, --preferences or --lm-eval")
     model_dir = Path(args.model)
     tokenizer = load_tokenizer(args.tokenizer or (str(model_dir) if (model_dir / "tokenizer.json").is_file() else None))
     chat = ChatTokenizer(tokenizer)
@@ -293,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
         result.update(accuracy)
     if args.preferences:
         result["preference_accuracy"] = preference_accuracy(model, chat, read_jsonl(args.preferences))
+    if args.lm_eval:
+        result["lm_eval"] = lm_eval_tasks(model, tokenizer, args.lm_eval, args.lm_eval_include, args.lm_eval_limit)[
+            "results"
+        ]
     if args.prompts:
         try:
             replies = generate_replies(model, chat, read_jsonl(args.prompts), args.max_new_tokens, args.temperature)
