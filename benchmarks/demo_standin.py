@@ -58,7 +58,7 @@ PHRASINGS = {
         "Recall that {a} + {b} = ",
     ],
 }
-# The demo Base (recipes/tiny/cpt/full.yaml) without the 129K vocabulary.
+# The demo Base (recipes/demo/cpt.yaml) without the 129K vocabulary.
 MODEL = dict(
     hidden_size=128,
     moe_intermediate_size=64,

@@ -1,7 +1,7 @@
 """Copy a demo Base with the embeddings of the tokens its corpus never trained set to the mean trained embedding.
 
     python benchmarks/new_token_embeddings.py --base outputs/demo/base --data outputs/demo/data --out /tmp/base-mean
-    python -m finetune.sft --config recipes/tiny/sft/lora.yaml model_name_or_path=/tmp/base-mean ...
+    python -m finetune.sft --config recipes/demo/sft.yaml model_name_or_path=/tmp/base-mean ...
 
 Unsloth's fix for untrained tokens, applied by hand for the measurement in docs/demo.md (fourth round): the chat
 format brings tokens (`<｜User｜>`, `<｜Assistant｜>`, `What`, ...) that the Base's plain-text corpus never had, whose

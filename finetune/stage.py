@@ -61,6 +61,7 @@ def parse_stage_args(cls: type[_T], argv: list[str] | None, stage: str, doc: str
 
         print(stage_help(stage))
         raise SystemExit(0)
+    quiet_known_notices()
     parser = argparse.ArgumentParser(prog=f"python -m finetune.{stage}", description=doc)
     parser.add_argument("--config", help="recipe YAML (keys are the fields of the stage config)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4 data.max_length=512")
@@ -80,6 +81,32 @@ def parse_stage_args(cls: type[_T], argv: list[str] | None, stage: str, doc: str
     # runs with the same seed are then bitwise equal on CPU.
     set_seed(config.seed)
     return config
+
+
+def quiet_known_notices() -> None:
+    """Notices a user cannot act on, which every run would print: DeepSpeed's "Setting accelerator to CPU" on a
+    machine without a GPU (it is told instead), and transformers' deprecation of `is_gradient_checkpointing`, which
+    peft and trl still call."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
+
+
+def align_tokens(model: Any, tokenizer: Any) -> None:
+    """The model's pad / bos / eos ids set from the tokenizer, as transformers' Trainer does at its start, without
+    its warning: the packaged tokenizer defines a pad id the checkpoint's config leaves unset, every run."""
+    from transformers.trainer_utils import align_special_tokens
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.trainer_utils")
+    level = logger.level
+    logger.setLevel(hf_logging.ERROR)
+    try:
+        align_special_tokens(model, tokenizer)
+    finally:
+        logger.setLevel(level)
 
 
 def model_config_values(config: Any) -> dict[str, Any]:
@@ -451,6 +478,15 @@ def write_adapter_card(config: Any) -> None:
     targets = adapter.get("target_modules") or []
     targets = sorted(targets) if isinstance(targets, (list, set)) else [str(targets)]
     lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: peft",
+        "tags:",
+        "- deepseek_v3",
+        "- lora",
+        "- dsv3-finetune",
+        "---",
+        "",
         f"# LoRA adapter ({folder.name})",
         "",
         f"- base model: `{base}`",
@@ -501,6 +537,7 @@ def train_lm_stage(
     train, evaluation = build_data(config, task, tokenizer, model.config.vocab_size)
     if config.use_lora:
         model = apply_lora(model, config, tokenizer)
+    align_tokens(unwrap_base(model), tokenizer)
     trainer = trainer_cls(
         model=model,
         args=config,
@@ -516,6 +553,7 @@ def train_lm_stage(
 
 def train_preference_stage(trainer_cls: type, config: Any, model: Any, tokenizer: Any, train: Any, evaluation: Any):
     """Build a preference trainer (DPO, KTO, CPO, ORPO) the same way for every stage, train it and save."""
+    align_tokens(model, tokenizer)
     trainer = trainer_cls(
         model=model,
         args=config,

@@ -83,7 +83,8 @@ def few_kto_records(kto_records) -> Path:
 )
 def test_preference_recipes_load(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith(f"# python -m finetune.{path.parent.name} --config {path.relative_to(ROOT)}")
+    command = f"{path.parent.name} --config {path.relative_to(ROOT)}"
+    assert first.startswith((f"# python -m finetune.{command}", f"# dsv3-finetune {command}"))
     config = load_stage_config(STAGE_CLASSES[path.parent.name], path)
     assert config.data.get("sources") and config.use_lora
 
