@@ -55,24 +55,27 @@ def load_chat_model(
 
 @torch.no_grad()
 def generate(model: DeepseekV3ForCausalLM, prompts: list[list[int]], eos_id: int, max_new_tokens: int = 8) -> list:
-    """Greedy completions (token ids, eos excluded); prompts of equal length run as one batch."""
+    """Greedy completions (token ids, eos excluded) through the model's generate() with its latent KV cache; prompts
+    of equal length run as one batch (no padding, so batching changes nothing)."""
     results: list[list[int]] = [[] for _ in prompts]
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(prompts):
         by_length[len(ids)].append(i)
-    for indices in by_length.values():
+    for length, indices in by_length.items():
         ids = torch.tensor([prompts[i] for i in indices])  # [B, S]
-        done = torch.zeros(len(indices), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]  # [B, V]
-            token = logits.argmax(-1)
-            for row, i in enumerate(indices):
-                if not done[row] and int(token[row]) != eos_id:
-                    results[i].append(int(token[row]))
-            done |= token == eos_id
-            if done.all():
-                break
-            ids = torch.cat([ids, token[:, None]], dim=1)
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
+        for row, i in enumerate(indices):
+            new = out[row, length:].tolist()
+            results[i] = new[: new.index(eos_id)] if eos_id in new else new
     return results
 
 

@@ -1,6 +1,7 @@
 """The console command: `dsv3-finetune <stage> --help` lists every key from a table that matches the config classes."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -56,3 +57,22 @@ def test_the_console_script_is_installed_and_lists_the_stages():
     assert proc.returncode == 0
     for stage in ("sft", "dpo", "export", "chat", "evaluate", "plan"):
         assert f"  {stage} " in proc.stdout
+
+
+def test_an_accelerate_config_launched_elsewhere_finds_its_deepspeed_file(tmp_path, monkeypatch):
+    """accelerate hands deepspeed_config_file to the ranks as it is written (relative to the toolkit); from another
+    working directory the stage finds it in the toolkit's folder, and a path in neither is one sentence."""
+    from finetune.parallel import ParallelConfigError
+    from finetune.parallel.launch import resolve_deepspeed_config_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "recipes/deepspeed/zero3.json")
+    resolve_deepspeed_config_path()
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(ROOT / "recipes/deepspeed/zero3.json")
+    (tmp_path / "mine.json").write_text("{}")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "mine.json")  # the user's own, in the working directory
+    resolve_deepspeed_config_path()
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "mine.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "recipes/deepspeed/nope.json")
+    with pytest.raises(ParallelConfigError, match="deepspeed_config_file 'recipes/deepspeed/nope.json' is not a file"):
+        resolve_deepspeed_config_path()
