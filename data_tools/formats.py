@@ -9,7 +9,9 @@ Standard (plain-string) ones are raw text, tokenized as trl tokenizes them (no c
 - text: {"text": str} (cpt documents);
 - text_completion: {"prompt": str, "completion": str} (loss on the completion; sft and cpt);
 - text_preference: {"prompt": str, "chosen": str, "rejected": str};
-- text_kto: {"prompt": str, "completion": str, "label": bool}.
+- text_kto: {"prompt": str, "completion": str, "label": bool};
+- segments: {"segments": [{"text": str, "label": bool}]} (axolotl's template-free input_output format: the texts
+  concatenated as they are, loss on the segments labelled true; sft and cpt).
 
 A record's fields are read through `Record`, which remembers which keys were used: the others are reported (with
 counts) by the pipeline, never dropped in silence.
@@ -32,13 +34,14 @@ FORMAT_KINDS = {
     "kto": "kto",
     "text": "text",
     "text_completion": "text_completion",
+    "segments": "segments",
 }
 # The kinds each task trains on; the first is the conversational one.
 TASK_KINDS = {
-    "sft": ("chat", "text_completion"),
+    "sft": ("chat", "text_completion", "segments"),
     "dpo": ("preference", "text_preference"),
     "kto": ("kto", "text_kto"),
-    "cpt": ("text", "text_completion"),
+    "cpt": ("text", "text_completion", "segments"),
 }
 STANDARD_KINDS = {"chat": "text_completion", "preference": "text_preference", "kto": "text_kto"}
 ROLES = ("system", "user", "assistant", "tool")
@@ -82,6 +85,7 @@ KIND_FEATURES = {
     "text_completion": {"prompt": TEXT, "completion": TEXT},
     "text_preference": {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT},
     "text_kto": {"prompt": TEXT, "completion": TEXT, "label": datasets.Value("bool")},
+    "segments": {"segments": datasets.List({"text": TEXT, "label": datasets.Value("bool")})},
 }
 # Where each row came from, what was wrong with it, and the record keys it did not use: kept until tokenizing.
 LOCATION_FEATURES = {"_file": datasets.Value("string"), "_line": datasets.Value("int64")}
@@ -108,6 +112,7 @@ def empty_example(kind: str) -> dict[str, Any]:
         "text_completion": {"prompt": "", "completion": ""},
         "text_preference": {"prompt": "", "chosen": "", "rejected": ""},
         "text_kto": {"prompt": "", "completion": "", "label": False},
+        "segments": {"segments": []},
     }[kind]
 
 
@@ -172,6 +177,8 @@ DEFAULT_OPTIONS = FormatOptions()
 def detect_format(record: dict[str, Any]) -> str:
     """Name the format of a record from its keys."""
     keys = set(record)
+    if "segments" in keys:
+        return "segments"
     if "chosen" in keys and "rejected" in keys:
         return "preference"
     if "completion" in keys and "label" in keys:
@@ -592,6 +599,31 @@ def build_label(record: Record, field: str = "label") -> bool:
     return bool(label)
 
 
+def build_segments(value: Any) -> list[dict[str, Any]]:
+    """axolotl's input_output segments: a list of {"text": str, "label": bool}, at least one labelled true."""
+    if not isinstance(value, list) or not value:
+        raise RecordError("bad_type", "expected a non-empty list of {text, label} segments", "segments")
+    segments = []
+    for i, segment in enumerate(value):
+        where = f"segments[{i}]"
+        if not isinstance(segment, dict):
+            raise RecordError(
+                "bad_type", f"expected an object with text and label, got {type(segment).__name__}", where
+            )
+        unknown = sorted(set(segment) - {"text", "label"})
+        if unknown:
+            raise RecordError("unknown_field", f"unknown keys {unknown} (a segment has text and label)", where)
+        text, label = segment.get("text"), segment.get("label")
+        if not isinstance(text, str):
+            raise RecordError("bad_type", "text must be a string", f"{where}.text")
+        if not isinstance(label, bool):
+            raise RecordError("bad_type", "label must be true or false", f"{where}.label")
+        segments.append({"text": text, "label": label})
+    if not any(s["label"] and s["text"].strip() for s in segments):
+        raise RecordError("no_target", "no segment with label true and text to train", "segments")
+    return segments
+
+
 def to_canonical(
     record: dict[str, Any], fmt: str, kind: str | None = None, options: FormatOptions = DEFAULT_OPTIONS
 ) -> dict[str, Any]:
@@ -653,6 +685,8 @@ def to_canonical_examples(record: Record, fmt: str, kind: str, options: FormatOp
         if kind == "text_kto":
             return [{"prompt": prompt, "completion": completion, "label": build_label(record)}]
         return [{"prompt": prompt, "completion": completion}]
+    if kind == "segments":
+        return [{"segments": build_segments(require(record, "segments"))}]
     if kind == "text":
         text = require(record, "text")
         if not isinstance(text, str):

@@ -274,6 +274,44 @@ def tokenize_text_completion_batch(
     return {**out, **error_columns(errors)}
 
 
+def tokenize_segments_batch(
+    batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
+) -> dict[str, list]:
+    """Batched map function: axolotl-style segments -> bos + each segment's tokens + eos, labels on the segments
+    labelled true (and on the eos when the last one is). Each segment is tokenized alone, so a boundary is where the
+    record puts it; no chat template."""
+    rows = list(batch["segments"])
+    errors: list[RecordError | None] = [
+        None if on_too_long == "truncate" else surely_too_long(sum(len(s["text"]) for s in seg), chat, max_length)
+        for seg in rows
+    ]
+    control = [any(chat.has_control(s["text"]) for s in segments) for segments in rows]
+    texts = [s["text"] for i, segments in enumerate(rows) if errors[i] is None for s in segments]
+    encoded = iter(chat.encode_texts(texts)) if texts else iter(())
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_control": control}
+    for i, segments in enumerate(rows):
+        ids, labels = [chat.bos_id], [-100]
+        if errors[i] is None:
+            for segment in segments:
+                tokens = next(encoded)
+                ids += tokens
+                labels += tokens if segment["label"] else [-100] * len(tokens)
+            ids.append(chat.eos_id)
+            labels.append(chat.eos_id if segments[-1]["label"] else -100)
+        truncated = False
+        if errors[i] is None and len(ids) > max_length:
+            if on_too_long == "truncate":
+                ids, labels, truncated = ids[:max_length], labels[:max_length], True
+                if all(label == -100 for label in labels):
+                    errors[i] = RecordError("no_target", "nothing left to train after truncation")
+            else:
+                errors[i] = too_long_error(len(ids), max_length)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["_truncated"].append(truncated)
+    return {**out, **error_columns(errors)}
+
+
 def fit_completions(
     prompt_ids: list[int], answers: list[list[int]], max_length: int, on_too_long: str
 ) -> tuple[list[list[int]], bool, RecordError | None]:
@@ -371,6 +409,7 @@ TOKENIZERS = {
     "text_preference": tokenize_preference_batch,
     "kto": tokenize_kto_batch,
     "text_kto": tokenize_kto_batch,
+    "segments": tokenize_segments_batch,
 }
 
 
@@ -379,6 +418,8 @@ def example_kind(ds: Dataset | IterableDataset) -> str:
     columns = set(ds.column_names or [])
     features = ds.features or {}
     standard = "prompt" in features and getattr(features["prompt"], "dtype", None) == "string"
+    if "segments" in columns:
+        return "segments"
     if "messages" in columns:
         return "chat"
     if "chosen" in columns:
@@ -533,10 +574,11 @@ def build_cpt_split(
 ) -> Dataset | IterableDataset:
     """Corpus blocks, with packed replay chat rows mixed in (train only).
 
-    Plain text is cut into blocks across documents, as in pre-training; plain-text prompt/completion records are
-    each their own sample (packed, position_ids restarting, attention within the sample), loss on the completion.
+    Plain text is cut into blocks across documents, as in pre-training; plain-text prompt/completion records and
+    segment records are each their own sample (packed, position_ids restarting, attention within the sample), loss
+    on the completion or the labelled segments.
     """
-    if "completion" in (ds.column_names or []):
+    if {"completion", "segments"} & set(ds.column_names or []):
         blocks = tokenize_examples(ds, recipe, chat, report, split)
         blocks = pack_dataset(blocks, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)
     else:
@@ -558,7 +600,7 @@ def build_replay_rows(recipe: DataRecipe, chat: ChatTokenizer, report: DataRepor
     )
     parts = load_sources(recipe.replay_sources, TASK_KINDS[task], replay_recipe, report)
     replay = build_mixture(parts, recipe.replay_sources, replay_recipe)
-    if task == "cpt" and "completion" not in replay.column_names:
+    if task == "cpt" and not {"completion", "segments"} & set(replay.column_names):
         return build_corpus_blocks(replay.remove_columns(["_file", "_line"]), chat, recipe.max_length, recipe.num_proc)
     replay = tokenize_examples(replay, replay_recipe, chat, report, "replay")
     return pack_dataset(replay, recipe.max_length, chat.eos_id, num_proc=recipe.num_proc)

@@ -315,6 +315,7 @@ KIND_NAMES = {
     "text_completion": "plain-text prompt/completion records",
     "text_preference": "plain-text preference pairs",
     "text_kto": "plain-text labelled completions",
+    "segments": "plain-text segments with loss labels",
 }
 
 

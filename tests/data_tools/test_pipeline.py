@@ -203,3 +203,48 @@ def test_sft_with_plain_text_replay(demo, tokenizer):
         DataRecipe.from_dict({"sources": ["x.jsonl"], "replay_sources": ["y.jsonl"], "replay_fraction": 1.0})
     with pytest.raises(DataError, match="only the sft and cpt tasks"):
         DataRecipe.from_dict({"task": "dpo", "sources": ["x.jsonl"], "replay_sources": ["y.jsonl"]})
+
+
+def test_segments_train_exactly_the_labelled_spans(tokenizer, tmp_path):
+    """axolotl's template-free input_output records: the texts as they are, each tokenized alone, loss on the
+    segments labelled true (and on the eos when the last one is), for sft and for cpt (packed, samples apart)."""
+    segments = [
+        {"text": "12 + 7 = ", "label": False},
+        {"text": "19", "label": True},
+        {"text": "\n3 + 4 = ", "label": False},
+        {"text": "7", "label": True},
+    ]
+    path = tmp_path / "segments.jsonl"
+    path.write_text(json.dumps({"segments": segments}) + "\n" + json.dumps({"segments": segments[:3]}) + "\n")
+    want_ids = [tokenizer.bos_token_id]
+    want_labels = [-100]
+    for segment in segments:
+        ids = tokenizer.encode(segment["text"], add_special_tokens=False)
+        want_ids += ids
+        want_labels += ids if segment["label"] else [-100] * len(ids)
+    for task in ("sft", "cpt"):
+        splits, report = build_datasets(
+            DataRecipe(task=task, sources=[SourceSpec(str(path))], max_length=64), tokenizer
+        )
+        row = splits["train"][0]
+        n = len(want_ids) + 1
+        assert row["input_ids"][:n] == want_ids + [tokenizer.eos_token_id], task
+        assert row["labels"][:n] == want_labels + [tokenizer.eos_token_id], task
+        # the second record ends on an unlabelled segment: its eos is not trained
+        start = n
+        m = len(tokenizer.encode("".join(s["text"] for s in segments[:3]), add_special_tokens=False)) + 2
+        assert row["labels"][start + m - 1] == -100
+        assert report.examples["train"] == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"segments": [{"text": "x", "label": False}]})
+        + "\n"
+        + json.dumps({"segments": [{"text": "x", "label": "yes"}]})
+        + "\n"
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'segments': no segment with label true"):
+        build_datasets(DataRecipe(task="sft", sources=[SourceSpec(str(bad))]), tokenizer)
+    one = tmp_path / "one.jsonl"
+    one.write_text(bad.read_text().splitlines()[1] + "\n")
+    with pytest.raises(DataError, match=r"one.jsonl:1: field 'segments\[0\].label': label must be true or false"):
+        build_datasets(DataRecipe(task="sft", sources=[SourceSpec(str(one))]), tokenizer)
