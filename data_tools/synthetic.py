@@ -8,6 +8,9 @@ from typing import Any
 
 QUESTION_TEMPLATES = ("What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "Add {a} and {b}.")
 RAMBLING = "Let me think about it. Adding numbers can be tricky, and there are many ways to do it. Perhaps {c}?"
+# The demo's SFT data answers one template (chatty_template) in this form, with a period: a format flaw SFT copies
+# and DPO removes (the answer's format, not its sum; the period is one token the Base has never seen).
+CHATTY = "{c}."
 
 
 def build_pairs(max_operand: int, seed: int) -> list[tuple[int, int]]:
@@ -17,14 +20,29 @@ def build_pairs(max_operand: int, seed: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def build_chat(a: int, b: int, template: str) -> dict[str, Any]:
+def build_chat(a: int, b: int, template: str, answer: str = "{c}") -> dict[str, Any]:
     """One arithmetic question and its answer as a chat."""
     return {
         "messages": [
             {"role": "user", "content": template.format(a=a, b=b)},
-            {"role": "assistant", "content": str(a + b)},
+            {"role": "assistant", "content": answer.format(c=a + b)},
         ]
     }
+
+
+def fact_segments(pairs: list[tuple[int, int]], rng: random.Random, records: int, max_facts: int) -> list[dict]:
+    """Plain-text records of 1 to `max_facts` facts "a + b = c", one per line, drawn at random (each record a new
+    draw), as segments with the loss on each answer (and on the end of the text after the last one). Facts thus sit
+    at every position of a sample and after other text, so the Base's sums do not depend on where a fact starts."""
+    out = []
+    for _ in range(records):
+        segments = []
+        for k, (a, b) in enumerate(pairs[rng.randrange(len(pairs))] for _ in range(rng.randint(1, max_facts))):
+            if k:
+                segments.append({"text": "\n", "label": False})
+            segments += [{"text": f"{a} + {b} = ", "label": False}, {"text": str(a + b), "label": True}]
+        out.append({"segments": segments})
+    return out
 
 
 def build_demo_data(
@@ -34,6 +52,10 @@ def build_demo_data(
     max_operand: int = 100,
     seed: int = 0,
     num_corpus_only: int = 0,
+    corpus_records: int = 0,
+    max_facts: int = 4,
+    eval_templates: str = "first",
+    chatty_template: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Records of each demo file: sft, eval (disjoint questions, half of them in the corpus), preference, corpus
     (paragraphs of plain text) and facts (the same facts as plain-text prompt/completion records).
@@ -41,6 +63,10 @@ def build_demo_data(
     The corpus states the facts "a + b = c" of the training pairs, of half of the eval pairs and of
     `num_corpus_only` further pairs, so the demo can report accuracy on eval facts seen in the corpus against facts
     never seen.
+
+    `corpus_records` > 0 adds "corpus_segments": that many records of 1 to `max_facts` corpus facts (fact_segments).
+    `eval_templates` "all" asks the held-out questions in every template (in turn) instead of the first only.
+    `chatty_template` (an index into QUESTION_TEMPLATES) answers the SFT chats of that template in the CHATTY voice.
     """
     pairs = build_pairs(max_operand, seed)
     needed = num_train + num_eval + num_corpus_only
@@ -49,9 +75,15 @@ def build_demo_data(
     rng = random.Random(seed + 1)
     train_pairs, eval_pairs = pairs[:num_train], pairs[num_train : num_train + num_eval]
     corpus_only = pairs[num_train + num_eval : needed]
-    sft = [build_chat(a, b, rng.choice(QUESTION_TEMPLATES)) for a, b in train_pairs]
+    sft = []
+    for a, b in train_pairs:
+        k = rng.randrange(len(QUESTION_TEMPLATES))
+        sft.append(build_chat(a, b, QUESTION_TEMPLATES[k], CHATTY if k == chatty_template else "{c}"))
     seen = set(eval_pairs[: num_eval // 2])
-    evaluation = [{**build_chat(a, b, QUESTION_TEMPLATES[0]), "in_corpus": (a, b) in seen} for a, b in eval_pairs]
+    evaluation = []
+    for i, (a, b) in enumerate(eval_pairs):
+        template = QUESTION_TEMPLATES[(i // 2) % len(QUESTION_TEMPLATES) if eval_templates == "all" else 0]
+        evaluation.append({**build_chat(a, b, template), "in_corpus": (a, b) in seen})
     preference = []
     for i in range(num_preference):
         a, b = train_pairs[i % len(train_pairs)]
@@ -70,7 +102,10 @@ def build_demo_data(
     corpus = [{"text": " ".join(facts[i : i + 8])} for i in range(0, len(facts), 8)]
     # The prompt ends with the space, so prompt + completion tokenizes as the plain sentence does.
     completions = [{"prompt": f"{a} + {b} = ", "completion": str(a + b)} for a, b in corpus_pairs]
-    return {"sft": sft, "eval": evaluation, "preference": preference, "corpus": corpus, "facts": completions}
+    data = {"sft": sft, "eval": evaluation, "preference": preference, "corpus": corpus, "facts": completions}
+    if corpus_records:
+        data["corpus_segments"] = fact_segments(corpus_pairs, random.Random(seed + 2), corpus_records, max_facts)
+    return data
 
 
 def save_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
@@ -86,7 +121,8 @@ def save_demo_data(folder: str | Path, **options: Any) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = build_demo_data(**options)
-    paths = {name: folder / f"{name}.jsonl" for name in ("sft", "eval", "preference", "facts")}
+    names = ("sft", "eval", "preference", "facts", "corpus_segments")
+    paths = {name: folder / f"{name}.jsonl" for name in names if name in data}
     for name, path in paths.items():
         save_jsonl(data[name], path)
     paths["corpus"] = folder / "corpus.txt"

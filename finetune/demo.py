@@ -22,12 +22,25 @@ from data_tools import ChatTokenizer, load_tokenizer
 from data_tools.synthetic import save_demo_data, save_jsonl
 
 from . import cpt, dpo, sft
-from .evaluate import chat_accuracy, load_chat_model, plain_text_accuracy, preference_accuracy, read_jsonl
+from .evaluate import chat_accuracy, load_chat_model, operands, plain_text_accuracy, preference_accuracy, read_jsonl
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
-# The demo's data (data_tools.synthetic): sums a, b < 30, 500 SFT chats, 200 held-out questions (half of their facts
-# in the corpus), and 200 more corpus facts, so the corpus holds every sum but the 100 never seen (docs/demo.md).
-DATA = dict(num_train=500, num_eval=200, num_preference=600, max_operand=30, num_corpus_only=200)
+# The demo's data (data_tools.synthetic): sums a, b < 30, 500 SFT chats, 200 held-out questions in the four templates
+# (half of their facts in the corpus), and 200 more corpus facts, so the corpus holds every sum but the 100 never seen.
+# The Base reads the corpus as 25,000 records of 1-4 facts each (facts at every position of a sample); the SFT chats
+# answer "Add a and b." with a period ("19."), the format flaw the DPO pairs target (docs/demo.md).
+CHATTY_TEMPLATE = 3
+DATA = dict(
+    num_train=500,
+    num_eval=200,
+    num_preference=0,
+    max_operand=30,
+    num_corpus_only=200,
+    corpus_records=25000,
+    max_facts=4,
+    eval_templates="all",
+    chatty_template=CHATTY_TEMPLATE,
+)
 
 
 def build_eval_preferences(eval_records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
@@ -49,26 +62,25 @@ def build_eval_preferences(eval_records: list[dict[str, Any]], seed: int) -> lis
 
 
 def build_train_preferences(facts: list[dict[str, Any]], eval_records: list[dict[str, Any]], seed: int) -> list:
-    """DPO pairs on the corpus facts that are not held-out questions: the right sum against a near miss (off by one
-    or two), asked with the training templates. The synthetic file's far-off and rambling answers lose already
-    after SFT and teach DPO nothing (measured: Chat below SFT)."""
-    from data_tools.synthetic import QUESTION_TEMPLATES
+    """DPO pairs on the corpus facts that are not held-out questions: the plain answer against the same right sum in
+    the form the SFT data taught for one template (with a period). Half the prompts use that template, the rest the
+    others (where SFT already answers plainly), so the pairs teach the form, not the template."""
+    from data_tools.synthetic import CHATTY, QUESTION_TEMPLATES
 
     rng = random.Random(seed + 7)
-    held_out = {r["messages"][0]["content"] for r in eval_records}
+    held_out = {operands(r["messages"][0]["content"]) for r in eval_records}
+    others = [t for k, t in enumerate(QUESTION_TEMPLATES) if k != CHATTY_TEMPLATE]
     pairs = []
     for fact in facts:
-        a, b = (int(x) for x in fact["prompt"].split(" = ")[0].split(" + "))
-        if f"What is {a} + {b}?" in held_out:
+        a, b = operands(fact["prompt"])
+        if (a, b) in held_out:
             continue
-        answer = a + b
-        wrong = answer + rng.choice([-2, -1, 1, 2])
-        wrong = wrong if wrong >= 0 else answer + 1
+        template = QUESTION_TEMPLATES[CHATTY_TEMPLATE] if rng.random() < 0.5 else rng.choice(others)
         pairs.append(
             {
-                "prompt": [{"role": "user", "content": rng.choice(QUESTION_TEMPLATES).format(a=a, b=b)}],
-                "chosen": [{"role": "assistant", "content": str(answer)}],
-                "rejected": [{"role": "assistant", "content": str(wrong)}],
+                "prompt": [{"role": "user", "content": template.format(a=a, b=b)}],
+                "chosen": [{"role": "assistant", "content": str(a + b)}],
+                "rejected": [{"role": "assistant", "content": CHATTY.format(c=a + b)}],
             }
         )
     return pairs
@@ -87,7 +99,7 @@ def scaled(recipe: str, scale: float) -> dict[str, int]:
     return {"max_steps": steps, "logging_steps": max(1, min(int(values.get("logging_steps", 1)), steps // 10))}
 
 
-def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, Any]:
+def run_seed(out: Path, seed: int, scale: float, report_to: str, bf16: bool = False) -> dict[str, Any]:
     """Every stage for one seed; returns the evaluation table and the stage times."""
     from .export import export_merged
 
@@ -101,7 +113,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
     save_jsonl(build_train_preferences(read_jsonl(paths["facts"]), eval_records, seed), dpo_pairs)
     tokenizer = load_tokenizer()
     times["data"] = time.time() - start
-    common = {"seed": seed, "report_to": report_to, "overwrite_output_dir": True}
+    common = {"seed": seed, "report_to": report_to, "overwrite_output_dir": True, "bf16": bf16}
 
     start = time.time()
     cpt.main(
@@ -111,7 +123,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
                 **common,
                 "output_dir": str(out / "base"),
                 **scaled("cpt.yaml", scale),
-                "data.sources": [{"path": str(paths["facts"]), "format": "text_completion"}],
+                "data.sources": [str(paths["corpus_segments"])],
             }
         )
     )
@@ -127,7 +139,7 @@ def run_seed(out: Path, seed: int, scale: float, report_to: str) -> dict[str, An
                 "output_dir": str(out / "sft"),
                 **scaled("sft.yaml", scale),
                 "data.sources": [str(paths["sft"])],
-                "data.replay_sources": [{"path": str(paths["facts"]), "format": "text_completion"}],
+                "data.replay_sources": [str(paths["corpus_segments"])],
             }
         )
     )
@@ -239,9 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full run per seed")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick checks)")
     parser.add_argument("--report-to", default="tensorboard", help="logger of the stages (none to disable)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every stage (fp32 master weights)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the cores)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    results = [run_seed(out / f"seed{seed}", seed, args.scale, args.report_to) for seed in args.seeds]
+    results = [run_seed(out / f"seed{seed}", seed, args.scale, args.report_to, args.bf16) for seed in args.seeds]
     plots = plot(out, [out / f"seed{seed}" for seed in args.seeds])
     table, times = format_table(results), format_times(results)
     report = [

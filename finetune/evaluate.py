@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -84,23 +85,45 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def operands(question: str) -> tuple[int, int]:
+    """The two numbers of a demo question ("What is 12 + 7?", "Add 12 and 7.", ...)."""
+    numbers = re.findall(r"\d+", question)
+    if len(numbers) != 2:
+        raise ValueError(f"expected a question with two numbers, got {question!r}")
+    return int(numbers[0]), int(numbers[1])
+
+
+def starts_with(tokens: list[int], chat: ChatTokenizer, text: str) -> bool:
+    """The generated `tokens` begin with the tokens of `text` (what follows does not matter: a Base continues)."""
+    want = chat.encode_texts([text])[0]
+    return tokens[: len(want)] == want
+
+
 def chat_accuracy(model: DeepseekV3ForCausalLM, chat: ChatTokenizer, records: list[dict[str, Any]]) -> dict:
-    """Exact-match accuracy of greedy answers (overall, facts in the Base's corpus, facts never seen)."""
+    """Exact-match accuracy of greedy answers (overall, facts in the Base's corpus, facts never seen); for the demo's
+    sums also how often the answer starts with the right sum in any form (`sum_accuracy`) and how often a right sum
+    comes in another form than the expected answer (`wordy`: e.g. with a period)."""
     prompts = [chat.tokenize_prompt(r["messages"][:-1]) for r in records]
-    answers = generate(model, prompts, chat.eos_id)
-    correct = [
-        chat.tokenizer.decode(a, skip_special_tokens=True).strip() == r["messages"][-1]["content"].strip()
-        for a, r in zip(answers, records)
-    ]
+    answers = generate(model, prompts, chat.eos_id, max_new_tokens=16)
+    texts = [chat.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+    correct = [t == r["messages"][-1]["content"].strip() for t, r in zip(texts, records)]
 
     def rate(flags: list[bool]) -> float:
         return sum(flags) / len(flags) if flags else float("nan")
 
-    return {
+    result = {
         "accuracy": rate(correct),
         "accuracy_seen": rate([c for c, r in zip(correct, records) if r.get("in_corpus")]),
         "accuracy_unseen": rate([c for c, r in zip(correct, records) if not r.get("in_corpus", True)]),
     }
+    try:
+        sums = [sum(operands(r["messages"][0]["content"])) for r in records]
+    except ValueError:
+        return result
+    right_sum = [starts_with(a, chat, str(c)) for a, c in zip(answers, sums)]
+    result["sum_accuracy"] = rate(right_sum)
+    result["wordy"] = rate([s and not c for s, c in zip(right_sum, correct)])
+    return result
 
 
 def plain_text_accuracy(
@@ -110,18 +133,16 @@ def plain_text_accuracy(
     before: str = "",
     after: str = " = ",
 ) -> dict:
-    """Exact-match accuracy of greedy completions of the questions as plain text ("a + b = "), no chat template:
-    what the Base learned from its corpus. Records are chats "What is a + b?" -> "c". `before` and `after` change
-    the text around "a + b" (benchmarks/base_anchoring.py)."""
-    prompts, answers = [], []
+    """How often the greedy continuation of each question's sum as plain text ("a + b = ", no chat template) starts
+    with the right sum's tokens: what the Base learned from its corpus (whatever it writes after the sum).
+    `before` and `after` change the text around "a + b" (benchmarks/base_anchoring.py)."""
+    prompts, sums = [], []
     for r in records:
-        question = r["messages"][0]["content"]
-        if not (question.startswith("What is ") and question.endswith("?")):
-            raise ValueError(f"plain-text accuracy needs 'What is a + b?' questions, got {question!r}")
-        prompts.append([chat.bos_id, *chat.encode_texts([before + question[len("What is ") : -1] + after])[0]])
-        answers.append(r["messages"][-1]["content"].strip())
-    outputs = generate(model, prompts, chat.eos_id, max_new_tokens=4)
-    correct = [chat.tokenizer.decode(o, skip_special_tokens=True).strip() == a for o, a in zip(outputs, answers)]
+        a, b = operands(r["messages"][0]["content"])
+        prompts.append([chat.bos_id, *chat.encode_texts([f"{before}{a} + {b}{after}"])[0]])
+        sums.append(a + b)
+    outputs = generate(model, prompts, chat.eos_id, max_new_tokens=3)
+    correct = [starts_with(o, chat, str(c)) for o, c in zip(outputs, sums)]
     seen = [c for c, r in zip(correct, records) if r.get("in_corpus")]
     unseen = [c for c, r in zip(correct, records) if not r.get("in_corpus", True)]
     return {

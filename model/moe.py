@@ -39,7 +39,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (expert indices [N, K], weights [N, K] fp32, scores [N, E] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        # fp32 even under autocast (bf16 mixed precision): autocast would run the linear in bf16 whatever the
+        # input's dtype, and the routing decisions and the bias update need the fp32 scores.
+        with no_autocast(x.device.type):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
         choice = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
@@ -52,6 +55,15 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return indices, weights * self.scaling, scores
+
+
+def no_autocast(device_type: str):
+    """A context without autocast for `device_type` (a no-op where autocast is off or does not exist)."""
+    import contextlib
+
+    if device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class RoutedExperts(nn.Module):
