@@ -1,11 +1,14 @@
 """The demo: a Chat variant from a Base on a laptop-sized CPU (make demo).
 
-    python -m finetune.demo --out outputs/demo [--seeds 0 1 2] [--scale 0.25]
+    python -m finetune.demo --out outputs/demo [--seeds 0 1 2] [--scale 0.25] [--threads N] [--bf16]
 
-1. data: arithmetic chats, held-out questions, preference pairs and a plain-text corpus (data_tools.synthetic);
+1. data: arithmetic chats, held-out questions in four templates, preference pairs, and the Base's plain-text corpus:
+   records of 1-4 facts "a + b = c", loss on each answer (data_tools.synthetic);
 2. Base: a tiny DeepSeek-V3 (real 129K vocabulary), random init, `cpt` on the corpus only (never the chat format);
-3. SFT: LoRA on attention, with plain-text replay of the corpus (recipes/demo/sft.yaml), merged (finetune.export);
-4. DPO: LoRA on the SFT model, reference = adapter disabled (recipes/demo/dpo.yaml), exported as the Chat model;
+3. SFT: LoRA on attention, with plain-text replay of the corpus (recipes/demo/sft.yaml), merged (finetune.export); its
+   chats answer one template with a period ("19."), a format flaw SFT copies;
+4. DPO: LoRA on the SFT model on pairs that prefer the plain answer to the same sum with the period
+   (recipes/demo/dpo.yaml), exported as the Chat model;
 5. evaluation of Base, SFT and Chat on held-out questions and preference pairs; report.md + PNG plots.
 """
 
@@ -265,9 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     report = [
         "# Demo: Base -> SFT (LoRA) -> DPO (LoRA) -> Chat, on the CPU",
         "",
-        "Held-out questions are sums whose chat form was never trained; 'facts in the corpus' were stated in the "
-        "Base's plain-text corpus, 'facts never seen' appear nowhere in training. Preference accuracy: the model "
-        "gives the right answer a higher log-probability than the answer off by one, on held-out questions.",
+        "Held-out questions are sums whose chat form was never trained, asked in four templates; 'facts in the "
+        "corpus' were stated in the Base's plain-text corpus, 'facts never seen' appear nowhere in training. Chat "
+        "accuracy is an exact match of the answer; 'right sum, any form' counts answers that start with the right "
+        "sum, 'right sum, other form' those of them that are not the plain answer (the SFT data's period, which DPO "
+        "removes). Plain text: the same sums as 'a + b = ' without the chat template. Preference accuracy: the "
+        "model gives the right answer a higher log-probability than the answer off by one, on held-out questions.",
         "",
         table,
         "",
