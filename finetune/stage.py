@@ -216,7 +216,11 @@ def fp8_base_mode(config: Any, name: str, model_config: Any) -> str:
             if mode == "keep"
             else f"dequantized to {config.torch_dtype} and trained"
         )
-        print(f"fp8: {name} is an FP8 checkpoint; its quantized weights are {what} (fp8_base: {mode})", file=sys.stderr)
+        if is_main_process():
+            print(
+                f"fp8: {name} is an FP8 checkpoint; its quantized weights are {what} (fp8_base: {mode})",
+                file=sys.stderr,
+            )
     return mode
 
 
@@ -416,7 +420,8 @@ def resume_checkpoint(config: Any) -> str | None:
             problem = checkpoint_problem(candidate)
             if problem is None:
                 return str(candidate)
-            print(f"resume: skipping {candidate}: {problem}", file=sys.stderr)
+            if is_main_process():
+                print(f"resume: skipping {candidate}: {problem}", file=sys.stderr)
         if value != "auto":
             raise RecipeError(f"resume_from_checkpoint={value}: no checkpoint in {folder} that verifies")
         return None
