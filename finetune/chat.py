@@ -29,6 +29,7 @@ def reply(
     streamer = TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(
         ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,

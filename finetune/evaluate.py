@@ -66,6 +66,7 @@ def generate(model: DeepseekV3ForCausalLM, prompts: list[list[int]], eos_id: int
         ids = torch.tensor([prompts[i] for i in indices])  # [B, S]
         out = model.generate(
             ids,
+            attention_mask=torch.ones_like(ids),  # no padding: prompts of equal length (generate warns otherwise)
             max_new_tokens=max_new_tokens,
             do_sample=False,
             temperature=None,
@@ -248,6 +249,7 @@ def generate_replies(
         ids = torch.tensor([chat.tokenize_prompt(messages)])
         out = model.generate(
             ids,
+            attention_mask=torch.ones_like(ids),  # no padding: prompts of equal length (generate warns otherwise)
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
