@@ -3,8 +3,8 @@
 dsv3-finetune evaluate --model DIR [--adapter DIR] [--data RECIPE.yaml | FILE ...] [--prompts FILE --out FILE]
                        [--questions FILE] [--preferences FILE] [--lm-eval TASK ... [--lm-eval-include DIR]]
 
---data: loss and perplexity per trained token, on a stage recipe's eval split (its data: section; all its sources
-        when it has no eval split) or on data files in any format data_tools reads (chats, text, ...);
+--data: loss and perplexity per trained token, on a stage recipe's eval split (its eval_sources, or the rows its
+        eval_fraction holds out; all its sources when it has neither) or on data files in any format data_tools reads;
 --prompts: greedy (or sampled) replies to each record's prompt (chat messages, prompt, or text), written as JSONL;
 --questions: exact-match accuracy of greedy answers on chats whose last message is the answer;
 --preferences: how often the chosen answer gets a higher log-probability than the rejected one;
@@ -193,7 +193,8 @@ def heldout_loss(model: DeepseekV3ForCausalLM, data: list[str], tokenizer: Any, 
 
     recipe = data_recipe_for(data)
     splits, _ = build_datasets(recipe, tokenizer)
-    dataset = splits.get("eval", splits["train"])
+    split = "eval" if "eval" in splits else "train"
+    dataset = splits[split]
     collate = DataCollator(pad_id=tokenizer.eos_token_id)
     total, count = 0.0, 0
     rows = list(dataset)
@@ -205,7 +206,8 @@ def heldout_loss(model: DeepseekV3ForCausalLM, data: list[str], tokenizer: Any, 
         total += float(out.lm_loss if out.lm_loss is not None else out.loss)
         count += int(_trained_tokens(labels, batch.get("position_ids")))
     loss = total / count if count else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if count else float("nan"), "tokens": count, "rows": len(rows)}
+    perplexity = math.exp(loss) if count else float("nan")
+    return {"loss": loss, "perplexity": perplexity, "tokens": count, "rows": len(rows), "split": split}
 
 
 def _trained_tokens(labels: torch.Tensor, position_ids: torch.Tensor | None) -> int:
@@ -227,10 +229,11 @@ def data_recipe_for(data: list[str]):
     if len(data) == 1 and data[0].endswith((".yaml", ".yml")):
         values = yaml.safe_load(Path(data[0]).read_text()) or {}
         section = dict(values.get("data", values))
-        if section.get("eval_sources"):
-            section["sources"], section["eval_sources"] = section["eval_sources"], []
+        if section.get("eval_sources"):  # the eval sources alone, as the split to score
+            section["sources"], section["eval_sources"], section["eval_fraction"] = section["eval_sources"], [], 0.0
+        # else an eval_fraction keeps its hash split: the rows training held out become the "eval" split
         section.pop("replay_sources", None)
-        section.update(eval_fraction=0.0, replay_fraction=0.0, pack=False)
+        section.update(replay_fraction=0.0, pack=False)
         return DataRecipe.from_dict(section)
     return DataRecipe.from_dict({"sources": list(data), "pack": False, "max_length": 4096})
 

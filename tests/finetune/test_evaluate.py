@@ -111,3 +111,23 @@ def test_lm_eval_harness_runs_our_model_and_matches_a_direct_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout)
     assert printed["lm_eval"]["dsv3_local_mc"]["acc,none"] == pytest.approx(correct / len(docs))
+
+
+def test_heldout_data_comes_from_a_recipes_eval_split_or_its_sources(tmp_path):
+    from pathlib import Path
+
+    from finetune.evaluate import data_recipe_for
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = data_recipe_for([str(root / "recipes/tiny/sft/full.yaml")])  # no eval split: its sources, unpacked
+    assert [s.path for s in recipe.sources] == ["examples/data/chats.jsonl"] and not recipe.pack
+    assert recipe.max_length == 128 and not recipe.replay_sources
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  sources: [train.jsonl]\n  eval_sources: [held_out.jsonl]\n  eval_fraction: 0.1\n")
+    recipe = data_recipe_for([str(path)])
+    assert [s.path for s in recipe.sources] == ["held_out.jsonl"] and recipe.eval_fraction == 0.0
+    path.write_text("data:\n  sources: [train.jsonl]\n  eval_fraction: 0.1\n")  # the rows training holds out
+    recipe = data_recipe_for([str(path)])
+    assert [s.path for s in recipe.sources] == ["train.jsonl"] and recipe.eval_fraction == 0.1
+    files = data_recipe_for(["a.jsonl", "b.parquet"])
+    assert [s.path for s in files.sources] == ["a.jsonl", "b.parquet"]
