@@ -274,12 +274,13 @@ def test_vllm_mtp_speculative_decoding_on_the_exported_mtp_layer(trained, tmp_pa
     model: greedy tokens equal plain greedy decoding, and vLLM accepts exactly the drafts our MTP module makes.
 
     How well a 120-step MTP layer drafts varies from run to run (tiny numeric differences change the training), so
-    the prompts are the 4 of 16 corpus openings where our own module's drafts are accepted most: equal counts of 0
-    would not tell a working vLLM MTP path from a broken one.
+    the prompts are the 4 corpus openings (of all the fixture's 27 paragraphs; the first 16 were not always enough:
+    one full serve-test run found none) where our own module's drafts are accepted most: equal counts of 0 would not
+    tell a working vLLM MTP path from a broken one.
     """
     _require(VLLM_PYTHON)
     tokenizer = load_tokenizer()
-    paragraphs = trained["corpus"].read_text().split("\n\n")[:16]
+    paragraphs = trained["corpus"].read_text().split("\n\n")[:48]
     candidates = [tokenizer.encode(p, add_special_tokens=False)[:12] for p in paragraphs]
     candidates = [[tokenizer.bos_token_id, *ids] for ids in candidates]
     model = ours(trained["bf16"])
@@ -290,7 +291,7 @@ def test_vllm_mtp_speculative_decoding_on_the_exported_mtp_layer(trained, tmp_pa
     best = sorted(scored, key=lambda item: -item[0])[:4]
     prompts, want = [ids for _, ids, _ in best], [gen for _, _, gen in best]
     drafts, accepted = mtp_draft_counts(model, prompts, want)
-    assert accepted > 0, f"the MTP layer trained in this run drafts nothing right on 16 corpus openings ({scored})"
+    assert accepted > 0, f"the MTP layer trained in this run drafts nothing right on any corpus opening ({scored})"
     request = {"model": str(trained["bf16"]), "prompts": prompts, "max_tokens": MAX_TOKENS, "mtp_speculative": 1}
     got = run_engine(VLLM_PYTHON, "vllm_generate.py", request, tmp_path)
     assert_same_tokens("vLLM with MTP speculative decoding", got["tokens"], want)
