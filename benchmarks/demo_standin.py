@@ -161,8 +161,9 @@ def train(
     weight_decay=0.0,
     router_gamma=0.0,
     beta2=0.999,
+    max_grad_norm=1.0,
 ) -> list[float]:
-    """AdamW (fused) with warmup + cosine, grad clip 1, as the stages; `replay_fraction` of each batch from replay;
+    """AdamW (fused) with warmup + cosine, grad clipping (1 by default), as the stages; `replay_fraction` of each batch from replay;
     the aux-loss-free router bias update after each step when `router_gamma` > 0 (the cpt stage's callback)."""
     tracker = ExpertLoadTracker(model, gamma=router_gamma) if router_gamma > 0 else None
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
@@ -184,7 +185,7 @@ def train(
         ids, labels, mask = batchify(chosen)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         if tracker is not None:
             tracker.update_bias()

@@ -239,6 +239,21 @@ def standard_too_long(batch: dict[str, list], fields: list[str], chat: ChatToken
     return [surely_too_long(sum(len(v) for v in values), chat, max_length) for values in rows]
 
 
+def fit_labelled(
+    ids: list[int], labels: list[int], max_length: int, on_too_long: str
+) -> tuple[list[int], list[int], bool, RecordError | None]:
+    """A tokenized sample within max_length: as it is, cut (truncate; an error when nothing trained is left), or the
+    too-long error. Returns ids, labels, whether it was cut, and the error."""
+    if len(ids) <= max_length:
+        return ids, labels, False, None
+    if on_too_long != "truncate":
+        return ids, labels, False, too_long_error(len(ids), max_length)
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == -100 for label in labels):
+        return ids, labels, True, RecordError("no_target", "nothing left to train after truncation")
+    return ids, labels, True, None
+
+
 def tokenize_text_completion_batch(
     batch: dict[str, list], chat: ChatTokenizer, max_length: int, on_too_long: str
 ) -> dict[str, list]:
@@ -259,13 +274,8 @@ def tokenize_text_completion_batch(
         ids = prompt + ids
         labels = [-100] * len(prompt) + ids[len(prompt) :]
         truncated = False
-        if errors[i] is None and len(ids) > max_length:
-            if on_too_long == "truncate":
-                ids, labels, truncated = ids[:max_length], labels[:max_length], True
-                if all(label == -100 for label in labels):
-                    errors[i] = RecordError("no_target", "nothing left to train after truncation")
-            else:
-                errors[i] = too_long_error(len(ids), max_length)
+        if errors[i] is None:
+            ids, labels, truncated, errors[i] = fit_labelled(ids, labels, max_length, on_too_long)
         if labels:
             labels[0] = -100
         out["input_ids"].append(ids)
@@ -299,13 +309,8 @@ def tokenize_segments_batch(
             ids.append(chat.eos_id)
             labels.append(chat.eos_id if segments[-1]["label"] else -100)
         truncated = False
-        if errors[i] is None and len(ids) > max_length:
-            if on_too_long == "truncate":
-                ids, labels, truncated = ids[:max_length], labels[:max_length], True
-                if all(label == -100 for label in labels):
-                    errors[i] = RecordError("no_target", "nothing left to train after truncation")
-            else:
-                errors[i] = too_long_error(len(ids), max_length)
+        if errors[i] is None:
+            ids, labels, truncated, errors[i] = fit_labelled(ids, labels, max_length, on_too_long)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["_truncated"].append(truncated)

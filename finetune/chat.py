@@ -17,7 +17,7 @@ from transformers import TextStreamer
 
 from data_tools import ChatTokenizer, load_tokenizer
 
-from .evaluate import load_chat_model
+from .evaluate import generate_tokens, load_chat_model
 
 
 @torch.no_grad()
@@ -27,19 +27,7 @@ def reply(
     """One assistant turn for the conversation so far (printed token by token when `stream`)."""
     ids = torch.tensor([chat.tokenize_prompt(messages)])
     streamer = TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=None,
-        top_k=None,
-        eos_token_id=chat.eos_id,
-        pad_token_id=chat.eos_id,
-        streamer=streamer,
-    )
-    tokens = [t for t in out[0, ids.shape[1] :].tolist() if t != chat.eos_id]
+    tokens = generate_tokens(model, ids, chat.eos_id, max_new_tokens, temperature, streamer)[0]
     return chat.tokenizer.decode(tokens, skip_special_tokens=True)
 
 

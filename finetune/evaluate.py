@@ -55,29 +55,43 @@ def load_chat_model(
 
 
 @torch.no_grad()
+def generate_tokens(
+    model: DeepseekV3ForCausalLM,
+    ids: torch.Tensor,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    streamer: Any = None,
+) -> list[list[int]]:
+    """The new tokens of each row of `ids` [B, S] (up to its eos) from the model's generate() with its latent KV
+    cache: greedy, or sampled at `temperature` > 0; `streamer` (transformers') sees them as they come."""
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),  # no padding: prompts of equal length (generate warns otherwise)
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        streamer=streamer,
+    )
+    rows = out[:, ids.shape[1] :].tolist()
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
 def generate(model: DeepseekV3ForCausalLM, prompts: list[list[int]], eos_id: int, max_new_tokens: int = 8) -> list:
-    """Greedy completions (token ids, eos excluded) through the model's generate() with its latent KV cache; prompts
-    of equal length run as one batch (no padding, so batching changes nothing)."""
+    """Greedy completions (token ids, eos excluded); prompts of equal length run as one batch (no padding, so
+    batching changes nothing)."""
     results: list[list[int]] = [[] for _ in prompts]
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(prompts):
         by_length[len(ids)].append(i)
-    for length, indices in by_length.items():
-        ids = torch.tensor([prompts[i] for i in indices])  # [B, S]
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),  # no padding: prompts of equal length (generate warns otherwise)
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=eos_id,
-            pad_token_id=eos_id,
-        )
-        for row, i in enumerate(indices):
-            new = out[row, length:].tolist()
-            results[i] = new[: new.index(eos_id)] if eos_id in new else new
+    for indices in by_length.values():
+        rows = generate_tokens(model, torch.tensor([prompts[i] for i in indices]), eos_id, max_new_tokens)
+        for i, row in zip(indices, rows):
+            results[i] = row
     return results
 
 
@@ -250,18 +264,7 @@ def generate_replies(
     for number, record in enumerate(tqdm(records, desc="generate", unit="prompt", leave=False), 1):
         messages = prompt_messages(record, number)
         ids = torch.tensor([chat.tokenize_prompt(messages)])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),  # no padding: prompts of equal length (generate warns otherwise)
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=chat.eos_id,
-            pad_token_id=chat.eos_id,
-        )
-        tokens = [t for t in out[0, ids.shape[1] :].tolist() if t != chat.eos_id]
+        tokens = generate_tokens(model, ids, chat.eos_id, max_new_tokens, temperature)[0]
         results.append({"prompt": messages, "response": chat.tokenizer.decode(tokens, skip_special_tokens=True)})
     return results
 

@@ -210,32 +210,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling={**_YARN_671B, "factor": 4, "original_max_position_embeddings": 128},
         rope_theta=10000.0,
     ),
-    # tiny with the real 129,280-token vocabulary: what a recipe on the packaged DeepSeek-V3 tokenizer needs (the
-    # quickstart's recipes and the demo's Base). About 34M parameters, 33M of them the embedding and the head.
-    "mini": dict(
-        vocab_size=129280,
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        first_k_dense_replace=1,
-        num_nextn_predict_layers=1,
-        max_position_embeddings=512,
-        rope_scaling={**_YARN_671B, "factor": 4, "original_max_position_embeddings": 128},
-        rope_theta=10000.0,
-    ),
     "debug": dict(
         vocab_size=129280,
         hidden_size=256,
@@ -292,6 +266,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         topk_method="noaux_tc",
         moe_layer_freq=1,
     ),
+}
+# tiny with the real 129,280-token vocabulary and twice its width: what a recipe on the packaged DeepSeek-V3 tokenizer
+# needs (the quickstart's recipes and the demo's Base). About 34M parameters, 33M of them the embedding and the head.
+PRESETS["mini"] = {
+    **PRESETS["tiny"],
+    "vocab_size": 129280,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
 }
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -28,13 +26,15 @@ from peft import get_peft_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from demo_standin import train as standin_train  # noqa: E402  (benchmarks/demo_standin.py)
 
 from data_tools import ChatTokenizer, load_tokenizer  # noqa: E402
 from data_tools.synthetic import build_demo_data  # noqa: E402
 from finetune.demo import DATA  # noqa: E402
 from finetune.evaluate import operands  # noqa: E402
 from finetune.lora import build_lora_config  # noqa: E402
-from finetune.moe import ExpertLoadTracker  # noqa: E402
 from model import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from model.config import PRESETS  # noqa: E402
 
@@ -90,49 +90,24 @@ def compact_all(chat, cpt, sft, chat_prompts, plain, sums):
     )
 
 
-def batchify(samples: list[Sample]):
-    width = max(len(ids) for ids, _ in samples)
-    ids = torch.ones((len(samples), width), dtype=torch.long)
-    labels = torch.full((len(samples), width), -100)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for k, (sample_ids, sample_labels) in enumerate(samples):
-        ids[k, : len(sample_ids)] = torch.tensor(sample_ids)
-        labels[k, : len(sample_labels)] = torch.tensor(sample_labels)
-        mask[k, : len(sample_ids)] = 1
-    return ids, labels, mask
-
-
 def train(model, samples, values, batch, params, seed, replay=(), replay_fraction=0.0, gamma=0.0) -> list[float]:
-    """AdamW (fused), warmup + cosine, clipping, as the stages; the router bias update when gamma > 0."""
-    steps, warmup = int(values["max_steps"]), int(values.get("warmup_steps", 0)) or 1
-    tracker = ExpertLoadTracker(model, gamma=gamma) if gamma > 0 else None
-    opt = torch.optim.AdamW(
-        params, lr=float(values["learning_rate"]), weight_decay=float(values.get("weight_decay", 0)), fused=True
+    """The first rounds' stand-in training loop (AdamW fused, warmup + cosine, clipping, the router bias update when
+    gamma > 0) with a recipe's settings."""
+    return standin_train(
+        model,
+        samples,
+        int(values["max_steps"]),
+        batch,
+        float(values["learning_rate"]),
+        int(values.get("warmup_steps", 0)) or 1,
+        params,
+        seed,
+        replay,
+        replay_fraction,
+        weight_decay=float(values.get("weight_decay", 0)),
+        router_gamma=gamma,
+        max_grad_norm=float(values.get("max_grad_norm", 1.0)),
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    rng, order, losses = random.Random(seed + 11), [], []
-    num_replay = round(batch * replay_fraction) if replay else 0
-    for _ in range(steps):
-        chosen = []
-        while len(chosen) < batch - num_replay:
-            if not order:
-                order = list(range(len(samples)))
-                rng.shuffle(order)
-            chosen.append(samples[order.pop()])
-        chosen += [replay[rng.randrange(len(replay))] for _ in range(num_replay)]
-        ids, labels, mask = batchify(chosen)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float(values.get("max_grad_norm", 1.0)))
-        opt.step()
-        if tracker is not None:
-            tracker.update_bias()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 @torch.no_grad()
