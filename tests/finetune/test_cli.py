@@ -76,3 +76,13 @@ def test_an_accelerate_config_launched_elsewhere_finds_its_deepspeed_file(tmp_pa
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "recipes/deepspeed/nope.json")
     with pytest.raises(ParallelConfigError, match="deepspeed_config_file 'recipes/deepspeed/nope.json' is not a file"):
         resolve_deepspeed_config_path()
+
+
+def test_a_preset_with_a_toy_vocabulary_says_which_preset_fits_the_packaged_tokenizer():
+    from data_tools import load_tokenizer
+    from finetune.config import RecipeError, SFTStageConfig, build_stage_config
+    from finetune.stage import build_data
+
+    config = build_stage_config(SFTStageConfig, {"model_name_or_path": "preset:tiny", "data": {"sources": ["x.jsonl"]}})
+    with pytest.raises(RecipeError, match=r"has \d+ tokens but the model's vocab_size is 1024; .*preset:mini"):
+        build_data(config, "sft", load_tokenizer(), 1024)
