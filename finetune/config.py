@@ -127,7 +127,13 @@ class StageDefaults:
     activation_checkpointing: bool | None = field(
         default=False, metadata={"help": "Recompute each decoder layer's activations in backward (saves memory)."}
     )
-    bf16: bool | None = field(default=False, metadata={"help": "bf16 autocast (AMX on CPUs that have it)."})
+    bf16: bool | str | None = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast with fp32 master weights: true, false, or auto (on where the GPU supports bf16 or "
+            "the CPU runs it natively, AVX512-BF16/AMX; off on CPUs that emulate it and under DeepSpeed)."
+        },
+    )
     report_to: None | str | list[str] = field(
         default_factory=lambda: ["tensorboard"],
         metadata={"help": "Loggers by trl/transformers name (tensorboard, wandb, trackio, ...); none for none."},
@@ -404,7 +410,11 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
         )
     if not torch.cuda.is_available():
         merged.setdefault("dataloader_pin_memory", False)  # nothing to pin for; torch warns at every dataloader
-    if merged.get("bf16") and not torch.cuda.is_available():
+    bf16 = merged.get("bf16", "auto")
+    if bf16 not in (True, False, None, "auto"):
+        raise RecipeError(f"{source}: bf16={bf16!r} must be true, false or auto")
+    merged["bf16"] = auto_bf16(bool(merged.get("deepspeed"))) if bf16 == "auto" else bool(bf16)
+    if merged["bf16"] and not torch.cuda.is_available():
         merged.setdefault("use_cpu", True)  # transformers refuses bf16 autocast on CPU unless told to use it
     lora_preset = merged.get("lora_preset", "both")
     if lora_preset not in LORA_PRESETS:
@@ -428,6 +438,21 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
         return cls(**merged)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from None
+
+
+def auto_bf16(deepspeed: bool = False) -> bool:
+    """What `bf16: auto` means here: bf16 autocast where the hardware runs bf16 natively.
+
+    Not under DeepSpeed: its bf16 mode is not autocast but bf16 weights (fp32 master copies in the optimizer), a
+    different precision a recipe asks for by name.
+    """
+    if deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return False
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    from .hardware import cpu_bf16_native
+
+    return cpu_bf16_native()
 
 
 def fail(message: str) -> None:

@@ -464,12 +464,24 @@ def train_and_save(trainer: Any, config: Any) -> None:
         if is_main_process():
             print(f"resuming from {checkpoint}", file=sys.stderr)
     quiet_console(trainer)
+    if is_main_process():
+        print(f"precision: {precision_summary(config)}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     if is_main_process():
         write_adapter_card(config)
         report = Path(config.output_dir) / "report.md"
         print(f"saved to {config.output_dir}" + (f" (report: {report})" if report.is_file() else ""), file=sys.stderr)
+
+
+def precision_summary(config: Any) -> str:
+    """What the run computes in, and on a CPU why (bf16: auto follows what the CPU does natively)."""
+    mode = f"bf16 autocast ({config.torch_dtype} weights; router and losses fp32)" if config.bf16 else config.torch_dtype
+    if torch.cuda.is_available():
+        return mode
+    from .hardware import cpu_description
+
+    return f"{mode} (CPU: {cpu_description()})"
 
 
 def write_adapter_card(config: Any) -> None:

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from .attention import MLAttention, RMSNorm, build_attention_mask
 from .config import DeepseekV3Config
-from .moe import MLP, MoE, RoutedExperts, Router
+from .moe import MLP, MoE, RoutedExperts, Router, compute_dtype, no_autocast
 from .rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -158,32 +158,50 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, max_rows: int, scale: torch.Tensor
     ) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.empty_like(weight, dtype=torch.float32) if want_weight else None
-        rows = hidden.shape[0]
-        pieces = max(1, -(-rows // max_rows))  # ceil(rows / max_rows) chunks of equal size
-        chunk = max(1, -(-rows // pieces))
-        for start in range(0, rows, chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]  # [C, H], [C]
-            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # [C, V]
-            index = torch.arange(len(t), device=t.device)
-            total -= logp[index, t].sum()
-            grad = logp.exp_()  # softmax
-            grad[index, t] -= 1.0
-            grad = grad.to(hidden.dtype)
-            if want_hidden:
-                grad_hidden[start : start + chunk] = ((grad @ weight).float() * scale).to(hidden.dtype)
-            if want_weight:
-                scaled = h.float() * scale
-                if start == 0:
-                    torch.mm(grad.T.float(), scaled, out=grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        # One compute dtype for every GEMM: autocast's (bf16 mixed precision: the fp32 head weight is cast once per
+        # call, not once per chunk and GEMM), else the inputs'. The log-softmax is fp32 whatever it is.
+        device = hidden.device.type
+        compute = compute_dtype(hidden)
+        with no_autocast(device):
+            h_all, w = hidden.to(compute), weight.to(compute)
+            total = hidden.new_zeros((), dtype=torch.float32)
+            grad_hidden = torch.empty_like(h_all) if want_hidden else None
+            grad_weight = None
+            rows = hidden.shape[0]
+            pieces = max(1, -(-rows // max_rows))  # ceil(rows / max_rows) chunks of equal size
+            chunk = max(1, -(-rows // pieces))
+            for start in range(0, rows, chunk):
+                h, t = h_all[start : start + chunk], targets[start : start + chunk]  # [C, H], [C]
+                logits = (h @ w.T).float()  # [C, V]; a no-op cast in fp32
+                if device == "cpu":
+                    # In place (the CPU kernel reads each row whole before writing it; the fused-loss test checks
+                    # the values): a fresh [C, V] buffer costs its page faults, 40 ms at 1020 x 32000 fp32.
+                    torch.log_softmax(logits, dim=-1, out=logits)
                 else:
-                    grad_weight.addmm_(grad.T.float(), scaled)
-        if rows == 0 and want_weight:
-            grad_weight.zero_()
+                    logits = torch.log_softmax(logits, dim=-1)
+                index = torch.arange(len(t), device=t.device)
+                total -= logits[index, t].sum()
+                grad = logits.exp_()  # softmax
+                grad[index, t] -= 1.0
+                grad = grad.to(compute)
+                if want_hidden:
+                    grad_hidden[start : start + chunk] = (grad @ w).mul_(scale.to(compute))
+                if want_weight:
+                    # In the compute dtype, as a bf16 Linear's backward is (an fp32 GEMM here ran at a third of
+                    # the speed); chunks after the first accumulate in fp32.
+                    scaled = h * scale.to(compute)
+                    if grad_weight is None:
+                        grad_weight = grad.T @ scaled  # [V, H]
+                        if pieces > 1:
+                            grad_weight = grad_weight.float()
+                    elif compute == torch.float32:
+                        grad_weight.addmm_(grad.T, scaled)
+                    else:
+                        grad_weight += grad.T @ scaled
+            if rows == 0 and want_weight:
+                grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return total * scale
 
     @staticmethod
@@ -192,8 +210,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The usual case (this loss enters the total with weight 1) skips a pass over the [V, H] weight gradient;
         # the check syncs, so it is made on the CPU only.
         unit = grad_total.device.type == "cpu" and grad_total.numel() == 1 and float(grad_total) == 1.0
-        if grad_hidden is not None and not unit:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden if unit else grad_hidden * grad_total.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight if unit else grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
