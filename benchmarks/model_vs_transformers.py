@@ -1,8 +1,11 @@
 """Forward+backward tokens/s and peak memory: our DeepSeek-V3 vs transformers' DeepseekV3ForCausalLM.
 
-    .venv/bin/python benchmarks/model_vs_transformers.py [--steps 6] [--dtypes float32,bfloat16]
+    .venv/bin/python benchmarks/model_vs_transformers.py [--steps 6] [--dtypes float32,bfloat16,autocast]
 
 Both models get the same ~135M-parameter config and the same weights (written once to a temporary checkpoint).
+Modes: float32 and bfloat16 weights, and autocast (fp32 weights, bf16 autocast: mixed precision, only where the
+CPU runs bf16 natively). MFU is the step's model FLOPs (benchmarks/flops.py) over the CPU's measured GEMM peak in
+the compute dtype, both measured in this run.
 transformers runs with sdpa attention and its grouped_mm experts. Speed: one process holds both models and
 alternates their steps, so machine noise hits both alike; the median step of each is reported. Memory: each
 model runs alone in its own subprocess (peak RSS sampled every 2 ms during the steps). Prints ratios.
@@ -67,7 +70,7 @@ def rss_bytes() -> int:
 def load(kind: str, checkpoint: str, dtype_name: str):
     import torch
 
-    dtype = getattr(torch, dtype_name)
+    dtype = torch.float32 if dtype_name == "autocast" else getattr(torch, dtype_name)
     if kind == "ours":
         from model import DeepseekV3ForCausalLM
 
@@ -81,16 +84,19 @@ def load(kind: str, checkpoint: str, dtype_name: str):
     return model.train()
 
 
-def make_step(model, ids, return_logits: bool = False):
+def make_step(model, ids, return_logits: bool = False, autocast: bool = False):
     """One training step's forward+backward. Ours skips returning full logits unless asked (trainers only need
     the loss, whose logits it still computes); transformers always returns them."""
+    import torch
+
     from model import DeepseekV3ForCausalLM
 
     kwargs = {"return_logits": return_logits} if isinstance(model, DeepseekV3ForCausalLM) else {}
 
     def step() -> float:
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids, **kwargs).loss
         loss.backward()
         model.zero_grad(set_to_none=False)
         return time.perf_counter() - start
@@ -104,10 +110,11 @@ def speed(checkpoint: str, dtype_name: str, steps: int) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
     ours = load("ours", checkpoint, dtype_name)
+    autocast = dtype_name == "autocast"
     runs = {
-        "transformers": make_step(load("transformers", checkpoint, dtype_name), ids),
-        "ours": make_step(ours, ids),
-        "ours+logits": make_step(ours, ids, return_logits=True),
+        "transformers": make_step(load("transformers", checkpoint, dtype_name), ids, autocast=autocast),
+        "ours": make_step(ours, ids, autocast=autocast),
+        "ours+logits": make_step(ours, ids, return_logits=True, autocast=autocast),
     }
     times = {kind: [] for kind in runs}
     for step in runs.values():
@@ -124,7 +131,7 @@ def worker(kind: str, checkpoint: str, dtype_name: str, steps: int) -> dict:
     torch.manual_seed(0)
     model = load(kind, checkpoint, dtype_name)
     ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
-    step = make_step(model, ids)
+    step = make_step(model, ids, autocast=dtype_name == "autocast")
     step()  # warm-up; also allocates the gradients
     base = rss_bytes()
     peak = [base]
@@ -149,7 +156,7 @@ def worker(kind: str, checkpoint: str, dtype_name: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32,bfloat16,autocast")
     parser.add_argument("--worker", choices=["ours", "transformers", "speed"])
     parser.add_argument("--checkpoint")
     parser.add_argument("--dtype", default="float32")
@@ -162,8 +169,19 @@ def main() -> None:
         return
 
     import torch
+    from flops import cpu_peaks, step_flops
 
+    from finetune.hardware import cpu_bf16_native, cpu_description
     from model import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    print(f"CPU: {cpu_description()}")
+    peaks = cpu_peaks()
+    print(f"GEMM peak (2048^3): fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
+    dtypes = args.dtypes.split(",")
+    if not cpu_bf16_native():
+        print("bf16 is emulated on this CPU: the bfloat16 and autocast modes are skipped (minutes per step)")
+        dtypes = [d for d in dtypes if d == "float32"]
+    flops = step_flops(DeepseekV3Config(**CONFIG), BATCH, SEQ, targets=BATCH * (SEQ - 1))
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -172,21 +190,24 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         del model
         print(f"config: {params / 1e6:.0f}M parameters, batch {BATCH} x {SEQ} tokens, {args.steps} timed steps")
-        print(f"{'dtype':>9} {'model':>13} {'step s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'act. MB':>8}")
+        print(f"model FLOPs per step {flops / 1e9:.0f} G (benchmarks/flops.py)")
+        print(f"{'dtype':>9} {'model':>13} {'step s':>8} {'tokens/s':>9} {'MFU':>5} {'peak RSS MB':>12} {'act. MB':>8}")
 
         def run(*extra: str) -> dict:
             cmd = [sys.executable, __file__, "--checkpoint", tmp, "--steps", str(args.steps), *extra]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
             return json.loads(out.strip().splitlines()[-1])
 
-        for dtype in args.dtypes.split(","):
+        for dtype in dtypes:
+            peak = peaks["float32" if dtype == "float32" else "bfloat16"] * 1e9
             step_s = run("--worker", "speed", "--dtype", dtype)
             results = {}
             for kind in ("transformers", "ours"):
                 results[kind] = r = run("--worker", kind, "--dtype", dtype)
                 tps = BATCH * SEQ / step_s[kind]
+                mfu = flops / step_s[kind] / peak
                 print(
-                    f"{dtype:>9} {kind:>13} {step_s[kind]:8.3f} {tps:9.0f} {r['peak_rss'] / 1e6:12.0f} "
+                    f"{dtype:>9} {kind:>13} {step_s[kind]:8.3f} {tps:9.0f} {mfu:5.0%} {r['peak_rss'] / 1e6:12.0f} "
                     f"{r['peak_over_weights_and_grads'] / 1e6:8.0f}"
                 )
             ratio = step_s["transformers"] / step_s["ours"]

@@ -413,7 +413,9 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
     bf16 = merged.get("bf16", "auto")
     if bf16 not in (True, False, None, "auto"):
         raise RecipeError(f"{source}: bf16={bf16!r} must be true, false or auto")
-    merged["bf16"] = auto_bf16(bool(merged.get("deepspeed"))) if bf16 == "auto" else bool(bf16)
+    if bf16 == "auto":
+        bf16 = auto_bf16(bool(merged.get("deepspeed")), merged.get("fp8_training", "none") != "none")
+    merged["bf16"] = bool(bf16)
     if merged["bf16"] and not torch.cuda.is_available():
         merged.setdefault("use_cpu", True)  # transformers refuses bf16 autocast on CPU unless told to use it
     lora_preset = merged.get("lora_preset", "both")
@@ -440,13 +442,20 @@ def build_stage_config(cls: type[_T], values: dict[str, Any], source: str = "con
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from None
 
 
-def auto_bf16(deepspeed: bool = False) -> bool:
+def auto_bf16(deepspeed: bool = False, fp8_training: bool = False) -> bool:
     """What `bf16: auto` means here: bf16 autocast where the hardware runs bf16 natively.
 
     Not under DeepSpeed: its bf16 mode is not autocast but bf16 weights (fp32 master copies in the optimizer), a
-    different precision a recipe asks for by name.
+    different precision a recipe asks for by name. Not with fp8_training (its FP8 forward sets its own precision).
+    DSV3_AUTO_BF16=0 or 1 in the environment decides instead of the detection (the test suite sets 0, so its
+    comparisons against fp32 references stay fp32).
     """
+    forced = os.environ.get("DSV3_AUTO_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
     if deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return False
+    if fp8_training:
         return False
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

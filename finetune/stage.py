@@ -476,7 +476,9 @@ def train_and_save(trainer: Any, config: Any) -> None:
 
 def precision_summary(config: Any) -> str:
     """What the run computes in, and on a CPU why (bf16: auto follows what the CPU does natively)."""
-    mode = f"bf16 autocast ({config.torch_dtype} weights; router and losses fp32)" if config.bf16 else config.torch_dtype
+    mode = (
+        f"bf16 autocast ({config.torch_dtype} weights; router and losses fp32)" if config.bf16 else config.torch_dtype
+    )
     if torch.cuda.is_available():
         return mode
     from .hardware import cpu_description

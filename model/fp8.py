@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DeepseekV3Config
-from .moe import RoutedExperts
+from .moe import RoutedExperts, no_autocast
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
@@ -674,7 +674,8 @@ class FP8TrainingLinear(nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8TrainingLinear.apply(x, self.weight, self.bias, self.scale_fmt, self.backend)
+        with no_autocast(x.device.type):  # the FP8 forward is its own precision (autocast has no FP8 dtypes)
+            return _FP8TrainingLinear.apply(x, self.weight, self.bias, self.scale_fmt, self.backend)
 
 
 class _FP8TrainingGroupedMM(torch.autograd.Function):
@@ -703,7 +704,8 @@ def fp8_training_grouped_mm(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, gate_up: bool, scale_fmt: str | None = None
 ) -> torch.Tensor:
     """Trainable fused experts with an FP8 forward: x [S, K] sorted by expert, weight [E, N, K] -> [S, N]."""
-    return _FP8TrainingGroupedMM.apply(x, weight, offsets, gate_up, scale_fmt)
+    with no_autocast(x.device.type):  # the FP8 forward is its own precision (autocast has no FP8 dtypes)
+        return _FP8TrainingGroupedMM.apply(x, weight, offsets, gate_up, scale_fmt)
 
 
 class FP8TrainingRoutedExperts(RoutedExperts):

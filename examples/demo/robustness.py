@@ -33,15 +33,6 @@ MEASURES = ("accuracy", "accuracy_seen", "accuracy_unseen", "sum_accuracy", "wor
 MEASURES += ("plain_accuracy_unseen", "preference_accuracy")
 
 
-def native_bf16() -> bool:
-    """The CPU has AVX512-BF16 or AMX (bf16 matmuls in hardware), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def variant_env(variant: str) -> tuple[dict[str, str], list[str]]:
     env, args = dict(os.environ), []
     if variant == "avx2":
@@ -113,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     variants = list(args.variants)
-    if "bf16" in variants and not native_bf16():
+    sys.path.insert(0, str(ROOT))
+    from finetune.hardware import cpu_bf16_native
+
+    if "bf16" in variants and not cpu_bf16_native():
         print("bf16: this CPU has no native bf16 (AVX512-BF16 / AMX): skipped, the demo runs fp32 here")
         variants.remove("bf16")
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
