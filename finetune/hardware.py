@@ -15,6 +15,9 @@ import time
 import torch
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# The environment under which torch, oneDNN and MKL pick the kernels an AVX2-only host runs (set before torch loads,
+# i.e. for a subprocess): other rounding, and bf16 emulated.
+AVX2_IMITATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def cpu_flags() -> set[str]:

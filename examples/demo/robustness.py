@@ -28,7 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+sys.path.insert(0, str(ROOT))
+from finetune.hardware import AVX2_IMITATION, cpu_bf16_native  # noqa: E402
+
 MEASURES = ("accuracy", "accuracy_seen", "accuracy_unseen", "sum_accuracy", "wordy", "plain_accuracy_seen")
 MEASURES += ("plain_accuracy_unseen", "preference_accuracy")
 
@@ -36,7 +38,7 @@ MEASURES += ("plain_accuracy_unseen", "preference_accuracy")
 def variant_env(variant: str) -> tuple[dict[str, str], list[str]]:
     env, args = dict(os.environ), []
     if variant == "avx2":
-        env.update(AVX2)
+        env.update(AVX2_IMITATION)
     elif variant == "threads1":
         args += ["--threads", "1"]
     elif variant == "bf16":
@@ -104,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     variants = list(args.variants)
-    sys.path.insert(0, str(ROOT))
-    from finetune.hardware import cpu_bf16_native
-
     if "bf16" in variants and not cpu_bf16_native():
         print("bf16: this CPU has no native bf16 (AVX512-BF16 / AMX): skipped, the demo runs fp32 here")
         variants.remove("bf16")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from finetune.hardware import AVX2_IMITATION
+
 ROOT = Path(__file__).resolve().parents[2]
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 RUNS = [(seed, kernels) for seed in (0, 1) for kernels in ("default", "avx2")]
 
 
 def standin(seed: int, kernels: str) -> dict:
-    env = {**os.environ, **(AVX2 if kernels == "avx2" else {})}
+    env = {**os.environ, **(AVX2_IMITATION if kernels == "avx2" else {})}
     command = [sys.executable, str(ROOT / "examples/demo/standin.py"), "--seed", str(seed), "--threads", "1"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

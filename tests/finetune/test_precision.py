@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from finetune.config import RecipeError, SFTStageConfig, build_stage_config
-from finetune.hardware import NATIVE_BF16_FLAGS, cpu_bf16_native, cpu_flags
+from finetune.hardware import AVX2_IMITATION, NATIVE_BF16_FLAGS, cpu_bf16_native, cpu_flags
 from model import DeepseekV3Config, DeepseekV3ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def detected(extra_env: dict[str, str]) -> bool:
@@ -27,7 +26,7 @@ def detected(extra_env: dict[str, str]) -> bool:
 
 def test_detection_follows_the_kernels_torch_uses() -> None:
     # With oneDNN capped to AVX2 (what an AVX2-only host runs) bf16 is emulated: auto must choose fp32.
-    assert detected(AVX2) is False
+    assert detected(AVX2_IMITATION) is False
     has_flags = any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
     if has_flags:
         assert detected({}) is True  # the same CPU with its own kernels: native
