@@ -451,7 +451,9 @@ def auto_bf16(deepspeed: bool = False, fp8_training: bool = False) -> bool:
     comparisons against fp32 references stay fp32).
     """
     forced = os.environ.get("DSV3_AUTO_BF16")
-    if forced in ("0", "1"):
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise RecipeError(f"DSV3_AUTO_BF16={forced!r} in the environment must be 0 or 1 (or unset)")
         return forced == "1"
     if deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return False

@@ -48,6 +48,10 @@ def test_bf16_auto_resolves_per_recipe(monkeypatch) -> None:
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("DSV3_AUTO_BF16", "1")
     assert build_stage_config(SFTStageConfig, common).bf16 is True
+    monkeypatch.setenv("DSV3_AUTO_BF16", "yes")
+    with pytest.raises(RecipeError, match="DSV3_AUTO_BF16='yes' in the environment must be 0 or 1"):
+        build_stage_config(SFTStageConfig, common)
+    monkeypatch.setenv("DSV3_AUTO_BF16", "1")
     with pytest.raises(RecipeError, match="bf16='sometimes' must be true, false or auto"):
         build_stage_config(SFTStageConfig, {**common, "bf16": "sometimes"})
 
